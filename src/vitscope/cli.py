@@ -1,0 +1,149 @@
+"""`vitscope <command>`: parses flags and calls the modules; holds no logic of its own."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import VitscopeError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr and exit 2 (argparse prints the whole usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def cmd_train(args) -> int:
+    from .config import DEFAULT_PRESET, read_config_file, resolve_config
+    from .train import default_out, train
+
+    overrides = read_config_file(args.config) if args.config else {}
+    flags = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+             "dataset": args.dataset, "data_dir": args.data_dir, "device": args.device, "threads": args.threads,
+             "precision": args.precision, "max_train_samples": args.max_train_samples,
+             "tensorboard": args.tensorboard or None}
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    preset = args.preset or overrides.pop("preset", None) or DEFAULT_PRESET
+    overrides.pop("preset", None)
+    progress = not args.no_progress and sys.stderr.isatty()
+    if args.resume:
+        if args.out is None:
+            raise VitscopeError("--resume needs --out RUN, the run directory to continue")
+        train(None, None, args.out, resume=True, progress=progress, threads=args.threads)
+        return 0
+    model_config, train_config = resolve_config(preset, overrides)
+    train(model_config, train_config, args.out or default_out(preset), preset=preset, progress=progress)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from .data import load_dataset
+    from .device import select_device, select_precision
+    from .evaluate import evaluate
+    from .rundir import RunDir, load_run
+
+    run = RunDir(args.run).require()
+    record = run.read_config()
+    device = select_device(args.device)
+    model, config = load_run(run.path, device)
+    dataset_info = record["dataset"]
+    # MNIST is found again through its sources (cache first); an IDX set is read where it was.
+    data_dir = dataset_info["location"] if dataset_info["name"] == "idx" else args.data_dir
+    dataset = load_dataset(dataset_info["name"], data_dir)
+    precision = select_precision("fp32" if args.precision == "auto" else args.precision, device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = evaluate(model, dataset.test_images, dataset.test_labels, config.pixel_mean, config.pixel_std,
+                      device=device, precision=precision)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{run.path}: test accuracy {result['test_acc']:.2%}, test loss {result['test_loss']:.4f} "
+              f"on {result['n']} images ({dataset_info['name']})")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from .data import load_dataset
+
+    dataset = load_dataset(args.dataset, args.data_dir)
+    info = dataset.describe()
+    print(f"{info['name']}: {info['train_size']} train + {info['test_size']} test images of "
+          f"{info['image_size']}x{info['image_size']}, {info['num_classes']} classes"
+          + (", SHA-256 verified" if args.dataset == "mnist" else ""))
+    print(f"served by: {dataset.source}")
+    print(f"stored in: {dataset.location}")
+    return 0
+
+
+def build_parser() -> ArgumentParser:
+    from .config import DEFAULT_PRESET, PRESETS
+
+    parser = ArgumentParser(prog="vitscope", description=__doc__.splitlines()[0].split(":")[0] + ": "
+                            "train, inspect and use a Vision Transformer on MNIST-sized images.")
+    parser.add_argument("--version", action="version", version=f"vitscope {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
+
+    p = commands.add_parser("train", help="train a ViT and write a run directory",
+                            description="Train a ViT on MNIST (or any IDX dataset) and write a run directory.")
+    p.add_argument("--preset", help=f"recipe to start from: {', '.join(PRESETS)} (default {DEFAULT_PRESET}); "
+                   + "; ".join(f"{name}: {preset.description}" for name, preset in PRESETS.items()))
+    p.add_argument("--epochs", type=int, help="number of epochs (default: the preset's)")
+    p.add_argument("--batch-size", type=int, help="training batch size (default: the preset's)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
+    p.add_argument("--seed", type=int, help="random seed for initialisation, shuffling and augmentation (default 0)")
+    p.add_argument("--out", type=Path, help="run directory (default runs/<preset>-<timestamp>)")
+    p.add_argument("--dataset", choices=["mnist", "idx"], help="mnist (default, SHA-256 verified) or idx "
+                   "(any IDX dataset in --data-dir)")
+    p.add_argument("--data-dir", help="folder with the IDX files (plain or .gz); for mnist, used instead of the cache")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="where to train (default auto)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                   help="auto (default): bf16 autocast only where the device computes bf16 natively")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--max-train-samples", type=int, help="train on the first N training images only")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (also off when stderr is not a TTY)")
+    p.add_argument("--config", help="JSON or TOML file of config fields; flags override it")
+    p.add_argument("--tensorboard", action="store_true", help="also log to RUN/tensorboard (needs tensorboard)")
+    p.set_defaults(func=cmd_train)
+
+    p = commands.add_parser("eval", help="test accuracy and loss of a run",
+                            description="Evaluate a run's model on its dataset's test split.")
+    p.add_argument("run", type=Path, help="run directory")
+    p.add_argument("--json", action="store_true", help='print {"test_acc": .., "test_loss": .., "n": ..}')
+    p.add_argument("--data-dir", help="MNIST IDX folder to read instead of the cache")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="default auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto (default) evaluates in fp32")
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.set_defaults(func=cmd_eval)
+
+    p = commands.add_parser("data", help="fetch, verify and cache a dataset; say which source served",
+                            description="Fetch MNIST (data dir, cache, mirrors, then the offline fallback), verify "
+                            "its SHA-256 digests, cache it and say which source served.")
+    p.add_argument("--dataset", default="mnist", choices=["mnist", "idx"], help="default mnist")
+    p.add_argument("--data-dir", help="folder with the IDX files (plain or .gz)")
+    p.set_defaults(func=cmd_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args)
+    except VitscopeError as e:
+        print(f"vitscope {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vitscope {args.command}: interrupted", file=sys.stderr)
+        return 130

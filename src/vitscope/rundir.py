@@ -1,0 +1,125 @@
+"""The run directory: everything a run leaves behind, and the one loader every consumer uses.
+
+    RUN/config.json          model + training config, seed, versions, hardware, dataset and location
+    RUN/model.safetensors    final weights
+    RUN/metrics.jsonl        one JSON object per epoch
+    RUN/checkpoint/state.pt  latest resumable state (tensors only; loaded with weights_only=True)
+    RUN/plots/               figures
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import TrainConfig, ViTConfig, field_names
+from .errors import VitscopeError
+from .model import build_model
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    config_file = property(lambda self: self.path / "config.json")
+    weights_file = property(lambda self: self.path / "model.safetensors")
+    metrics_file = property(lambda self: self.path / "metrics.jsonl")
+    checkpoint_file = property(lambda self: self.path / "checkpoint" / "state.pt")
+    plots = property(lambda self: self.path / "plots")
+
+    def exists(self) -> bool:
+        return self.config_file.is_file()
+
+    def require(self) -> "RunDir":
+        if not self.path.is_dir():
+            raise VitscopeError(f"no run directory at {self.path}")
+        if not self.exists():
+            raise VitscopeError(f"{self.path} is not a vitscope run directory (no config.json)")
+        return self
+
+    # -- config --
+    def write_config(self, record: dict) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.config_file, json.dumps(record, indent=2) + "\n")
+
+    def read_config(self) -> dict:
+        self.require()
+        try:
+            return json.loads(self.config_file.read_text())
+        except (OSError, ValueError) as e:
+            raise VitscopeError(f"cannot read {self.config_file}: {e}") from None
+
+    def model_config(self) -> ViTConfig:
+        return config_from_dict(ViTConfig, self.read_config()["model"])
+
+    def train_config(self) -> TrainConfig:
+        return config_from_dict(TrainConfig, self.read_config()["train"])
+
+    # -- weights --
+    def save_weights(self, model: torch.nn.Module) -> None:
+        tmp = self.weights_file.with_name("model.safetensors.tmp")
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        os.replace(tmp, self.weights_file)
+
+    # -- metrics --
+    def write_metrics(self, history: list[dict]) -> None:
+        atomic_write_text(self.metrics_file, "".join(json.dumps(row) + "\n" for row in history))
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics_file.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line.strip()]
+
+    # -- checkpoint --
+    def save_checkpoint(self, state: dict) -> None:
+        """Atomic: written to a temporary file, flushed to disk, then renamed over the old one, so a kill at
+        any moment leaves either the previous checkpoint or the new one."""
+        self.checkpoint_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.checkpoint_file.with_name("state.pt.tmp")
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.checkpoint_file)
+
+    def load_checkpoint(self) -> dict:
+        if not self.checkpoint_file.is_file():
+            raise VitscopeError(f"nothing to resume: {self.path} has no checkpoint/state.pt")
+        try:
+            return torch.load(self.checkpoint_file, map_location="cpu", weights_only=True)
+        except Exception as e:  # a damaged or crafted file: refuse it, never unpickle freely
+            raise VitscopeError(f"cannot load checkpoint {self.checkpoint_file}: {str(e).splitlines()[0]}") from None
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def config_from_dict(cls, values: dict):
+    """A config dataclass from a dict, ignoring keys this version does not know (newer runs)."""
+    known = field_names(cls)
+    return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def config_to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def load_run(path: str | Path, device: str | torch.device = "cpu"):
+    """(model in eval mode, ViTConfig) from a run directory's config.json and model.safetensors."""
+    run = RunDir(path).require()
+    config = run.model_config()
+    if not run.weights_file.is_file():
+        raise VitscopeError(f"{run.path} has no model.safetensors yet (is its training finished?)")
+    model = build_model(config)
+    try:
+        model.load_state_dict(load_file(str(run.weights_file)))
+    except Exception as e:
+        raise VitscopeError(f"cannot load weights from {run.weights_file}: {str(e).splitlines()[0]}") from None
+    return model.to(device).eval(), config

