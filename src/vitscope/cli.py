@@ -43,19 +43,14 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     import torch
 
-    from .data import load_dataset
     from .device import select_device, select_precision
     from .evaluate import evaluate
     from .rundir import RunDir, load_run
 
     run = RunDir(args.run).require()
-    record = run.read_config()
     device = select_device(args.device)
     model, config = load_run(run.path, device)
-    dataset_info = record["dataset"]
-    # MNIST is found again through its sources (cache first); an IDX set is read where it was.
-    data_dir = dataset_info["location"] if dataset_info["name"] == "idx" else args.data_dir
-    dataset = load_dataset(dataset_info["name"], data_dir)
+    dataset = run.dataset(args.data_dir)
     precision = select_precision("fp32" if args.precision == "auto" else args.precision, device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -65,7 +60,7 @@ def cmd_eval(args) -> int:
         print(json.dumps(result))
     else:
         print(f"{run.path}: test accuracy {result['test_acc']:.2%}, test loss {result['test_loss']:.4f} "
-              f"on {result['n']} images ({dataset_info['name']})")
+              f"on {result['n']} images ({dataset.name})")
     return 0
 
 

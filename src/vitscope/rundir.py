@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import TrainConfig, ViTConfig, field_names
+from .data import load_dataset
 from .errors import VitscopeError
 from .model import build_model
 
@@ -58,6 +59,12 @@ class RunDir:
 
     def train_config(self) -> TrainConfig:
         return config_from_dict(TrainConfig, self.read_config()["train"])
+
+    def dataset(self, data_dir: str | None = None):
+        """The run's dataset, found again from config.json: MNIST through its sources (cache first, or
+        `data_dir`), an IDX set where it was read."""
+        info = self.read_config()["dataset"]
+        return load_dataset(info["name"], info["location"] if info["name"] == "idx" else data_dir)
 
     # -- weights --
     def save_weights(self, model: torch.nn.Module) -> None:

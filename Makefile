@@ -1,0 +1,31 @@
+# The two quick-start commands:  `make run` (set up, train the default preset, analyze)  and  `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build of torch 2.13.0 is installed first; for a GPU, set TORCH to the build you want, e.g.
+#   make setup TORCH="torch --index-url https://download.pytorch.org/whl/cu128"
+TORCH ?= torch==2.13.0
+PRESET ?= seed
+RUN ?= runs/$(PRESET)-$(shell date +%Y%m%d-%H%M%S)
+BIN := $(VENV)/bin
+
+.PHONY: setup run test test-fast clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+run: setup
+	$(BIN)/vitscope train --preset $(PRESET) --out $(RUN)
+
+test: setup
+	$(BIN)/python -m pytest -ra
+
+test-fast: setup
+	$(BIN)/python -m pytest -ra -m 'not slow'
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache
