@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from .config import TrainConfig, ViTConfig, field_names
 from .data import load_dataset
 from .errors import VitscopeError
+from .huggingface import is_hf_directory, load_hf_directory
 from .model import build_model
 
 
@@ -63,7 +64,11 @@ class RunDir:
     def dataset(self, data_dir: str | None = None):
         """The run's dataset, found again from config.json: MNIST through its sources (cache first, or
         `data_dir`), an IDX set where it was read."""
-        info = self.read_config()["dataset"]
+        record = self.read_config()
+        if "dataset" not in record:
+            raise VitscopeError(f"{self.path} records no dataset (an exported model, not a training run): "
+                                "evaluate the run it came from")
+        info = record["dataset"]
         return load_dataset(info["name"], info["location"] if info["name"] == "idx" else data_dir)
 
     # -- weights --
@@ -119,8 +124,16 @@ def config_to_dict(config) -> dict:
 
 
 def load_run(path: str | Path, device: str | torch.device = "cpu"):
-    """(model in eval mode, ViTConfig) from a run directory's config.json and model.safetensors."""
+    """(model in eval mode, ViTConfig) from a run directory's config.json and model.safetensors, or from a
+    Hugging Face ViTForImageClassification directory (`vitscope export --format hf` writes one).
+    Weights are read only from safetensors: a pickle someone sent could run code when loaded."""
+    if Path(path).is_file():
+        raise VitscopeError(f"{path} is a file; give the run directory or Hugging Face directory holding "
+                            "model.safetensors (pickled .pt/.bin weights are never loaded)")
     run = RunDir(path).require()
+    if is_hf_directory(run.path):
+        model, config = load_hf_directory(run.path)
+        return model.to(device).eval(), config
     config = run.model_config()
     if not run.weights_file.is_file():
         raise VitscopeError(f"{run.path} has no model.safetensors yet (is its training finished?)")

@@ -1,0 +1,177 @@
+"""The figures of `vitscope analyze`: the ViT paper's Fig. 6 and Fig. 7 for an MNIST-sized model, plus a
+confusion matrix and the worst test errors. Each function draws numbers it is given into one PNG."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.colors import PowerNorm  # noqa: E402
+
+DPI = 110
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _grid_shape(count: int, columns: int) -> tuple[int, int]:
+    columns = min(columns, count)
+    return math.ceil(count / columns), columns
+
+
+def plot_embedding_filters(components: torch.Tensor, explained_variance: torch.Tensor, path: Path,
+                           count: int = 16) -> Path:
+    """The first `count` principal components (K, C, P, P) as PxP images, each with its explained variance."""
+    count = min(count, len(components))
+    rows, cols = _grid_shape(count, 8)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.35 * cols, 1.55 * rows + 0.5), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= count:
+            continue
+        C, P, _ = components[i].shape
+        image = components[i].permute(1, 0, 2).reshape(P, C * P).numpy()  # channels side by side
+        limit = np.abs(image).max()
+        ax.imshow(image, cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
+        ax.set_title(f"PC{i + 1}  {explained_variance[i]:.1%}", fontsize=8)
+    P = components.shape[-1]
+    shown = explained_variance[:count].sum().item()
+    fig.suptitle(f"Patch-embedding filters ({P}x{P}): first {count} principal components, "
+                 f"{shown:.0%} of the variance\n(red positive, blue negative; each scaled to its own range, "
+                 "sign arbitrary)", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_position_similarity(similarity: torch.Tensor | None, grid: int, path: Path, note: str = "") -> Path:
+    """A grid x grid array of small heatmaps: tile (r, c) shows the cosine similarity of position (r, c)'s
+    embedding with every position's. With `similarity` None, the figure says `note` instead."""
+    if similarity is None:
+        fig, ax = plt.subplots(figsize=(5.5, 2.2))
+        ax.axis("off")
+        ax.text(0.5, 0.5, note, ha="center", va="center", wrap=True, fontsize=10)
+        ax.set_title("Position embedding similarity", fontsize=11)
+        return _save(fig, path)
+    fig, axes = plt.subplots(grid, grid, figsize=(0.9 * grid + 1.4, 0.9 * grid + 0.8), squeeze=False,
+                             gridspec_kw={"wspace": 0.08, "hspace": 0.08})
+    tiles = similarity.reshape(grid, grid, grid, grid).numpy()
+    for r in range(grid):
+        for c in range(grid):
+            ax = axes[r, c]
+            image = ax.imshow(tiles[r, c], cmap="viridis", vmin=-1, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(str(r + 1), fontsize=8, rotation=0, labelpad=8)
+            if r == grid - 1:
+                ax.set_xlabel(str(c + 1), fontsize=8)
+    fig.supylabel("input patch row", fontsize=9)
+    fig.supxlabel("input patch column", fontsize=9)
+    fig.colorbar(image, ax=axes, shrink=0.8, label="cosine similarity")
+    fig.suptitle("Position embedding similarity", fontsize=11)
+    return _save(fig, path)
+
+
+def plot_attention_distance(distances: torch.Tensor, path: Path, patch_size: int, uniform_distance: float,
+                            images: int, class_token: str) -> Path:
+    """One dot per head at its layer's depth: mean attention distance in pixels (L, H); `class_token` says
+    how the class token was treated."""
+    layers, heads = distances.shape
+    fig, ax = plt.subplots(figsize=(6, 4.4))
+    colours = plt.cm.tab10(np.arange(heads) % 10)
+    for h in range(heads):
+        # A small sideways offset per head, so heads at the same distance stay visible.
+        x = np.arange(1, layers + 1) + (h - (heads - 1) / 2) * 0.04
+        ax.scatter(x, distances[:, h].numpy(), color=colours[h], label=f"head {h + 1}", s=30, zorder=3)
+    ax.axhline(uniform_distance, color="grey", linestyle="--", linewidth=1)
+    ax.text(layers + 0.45, uniform_distance, "uniform\nattention", color="grey", fontsize=8, va="center")
+    ax.set_xticks(range(1, layers + 1))
+    ax.set_xlim(0.5, layers + 0.9)
+    ax.set_ylim(0, max(distances.max().item(), uniform_distance) * 1.1 + 1)
+    ax.set_xlabel("network depth (layer)")
+    ax.set_ylabel("mean attention distance (pixels)")
+    ax.set_title(f"Mean attention distance per head ({images} test images, {patch_size}x{patch_size} patches)",
+                 fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right", ncol=2 if heads > 4 else 1)
+    fig.text(0.5, -0.02, f"Class token: {class_token}.", ha="center", va="top", fontsize=7.5,
+             wrap=True)
+    return _save(fig, path)
+
+
+def plot_attention_rollout(images: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor,
+                           predictions: torch.Tensor, path: Path, reader: str) -> Path:
+    """Each digit (B, H, W) beside itself with its rollout map (B, grid, grid) laid over it."""
+    count = len(images)
+    rows, cols = _grid_shape(count, 6)
+    fig, axes = plt.subplots(2 * rows, cols, figsize=(1.45 * cols, 2.9 * rows + 0.6), squeeze=False,
+                             gridspec_kw={"hspace": 0.12, "wspace": 0.05})
+    size = images.shape[-1]
+    for i in range(rows * cols):
+        top, bottom = axes[2 * (i // cols), i % cols], axes[2 * (i // cols) + 1, i % cols]
+        top.axis("off")
+        bottom.axis("off")
+        if i >= count:
+            continue
+        top.imshow(images[i].numpy(), cmap="gray", vmin=0, vmax=255)
+        verdict = "" if labels[i] == predictions[i] else f" -> {predictions[i].item()}"
+        top.set_title(f"{labels[i].item()}{verdict}", fontsize=9, color="black" if not verdict else "red")
+        # One map pixel per patch, stretched over the image unsmoothed (interpolating a 4x4 map draws bands
+        # that are not there); the digit is drawn as an outline so that it does not brighten the map.
+        bottom.imshow(maps[i].numpy(), cmap="inferno", interpolation="nearest",
+                      extent=(-0.5, size - 0.5, size - 0.5, -0.5), vmin=0, vmax=maps[i].max().item())
+        bottom.contour(images[i].numpy(), levels=[128], colors="cyan", linewidths=0.8)
+    fig.suptitle(f"Attention rollout of the {reader} over sample test digits\n(top: input with its label, "
+                 "and the prediction in red when wrong; bottom: rollout, bright = attended, digit outlined)",
+                 fontsize=9)
+    return _save(fig, path)
+
+
+def plot_confusion_matrix(matrix: torch.Tensor, path: Path) -> Path:
+    """Counts (K, K), rows true, columns predicted; colour on a compressed scale so that rare errors show."""
+    K = matrix.shape[0]
+    fig, ax = plt.subplots(figsize=(0.5 * K + 2.2, 0.5 * K + 1.6))
+    norm = PowerNorm(0.3, vmin=0, vmax=max(1, matrix.max().item()))
+    ax.imshow(matrix.numpy(), cmap="Blues", norm=norm)
+    errors = matrix.sum().item() - matrix.diag().sum().item()
+    for t in range(K):
+        for p in range(K):
+            n = matrix[t, p].item()
+            if n:
+                dark = norm(n) > 0.6
+                ax.text(p, t, str(n), ha="center", va="center", fontsize=7 if n < 1000 else 6,
+                        color="white" if dark else ("black" if t == p else "firebrick"))
+    ax.set_xticks(range(K))
+    ax.set_yticks(range(K))
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(f"Confusion matrix: {errors} errors in {matrix.sum().item()} test images", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_misclassified(images: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor,
+                       confidences: torch.Tensor, path: Path, total_errors: int) -> Path:
+    """The given wrong predictions, most confident first, each titled true -> predicted (confidence)."""
+    if len(images) == 0:
+        fig, ax = plt.subplots(figsize=(5, 1.5))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "No misclassified test images.", ha="center", va="center", fontsize=11)
+        return _save(fig, path)
+    rows, cols = _grid_shape(len(images), 8)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.25 * cols, 1.45 * rows + 0.5), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < len(images):
+            ax.imshow(images[i].numpy(), cmap="gray", vmin=0, vmax=255)
+            ax.set_title(f"{labels[i].item()} -> {predictions[i].item()}  {confidences[i]:.0%}", fontsize=8)
+    fig.suptitle(f"The {len(images)} most confident of {total_errors} test errors (true -> predicted, confidence)",
+                 fontsize=10)
+    return _save(fig, path)

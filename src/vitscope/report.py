@@ -1,0 +1,263 @@
+"""`vitscope analyze`: from a run directory to the paper's figures, analysis.json and one self-contained
+report.html. Everything comes from the run directory (config, weights, metrics, the dataset it names)."""
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import __version__
+from .analysis import (CLASS_TOKEN_TREATMENT, attention_rollout, class_token_attention, confusion_matrix,
+                       embedding_principal_components, mean_attention_distance, patch_distances,
+                       position_similarity, rollout_map, similarity_by_relation)
+from .config import ViTConfig
+from .data import normalize
+from .errors import VitscopeError
+from .evaluate import logits_of
+from .figures import (plot_attention_distance, plot_attention_rollout, plot_confusion_matrix,
+                      plot_embedding_filters, plot_misclassified, plot_position_similarity)
+from .model import BlogViT
+from .plots import plot_training_curves
+from .rundir import RunDir, load_run
+
+ROLLOUT_DIGITS = 12
+MISCLASSIFIED_SHOWN = 24
+NO_POSITION_EMBEDDING = ("The blog model has no position embedding: its \"pos_embedding\" is a Linear of\n"
+                         "the patch's pixels, so it encodes what is in a patch, not where the patch is.\n"
+                         "Its attention is blind to the patches' order.")
+
+# How to read each figure: shown under it in report.html.
+CAPTIONS = {
+    "embedding_filters.png": "The first principal components of the linear patch embedding's filters (paper "
+    "Fig. 7 left), each shown as a patch-sized image with the share of the filters' variance it explains. "
+    "Smooth blobs, edges and stroke-like components mean the embedding has learned a low-dimensional basis "
+    "for the pixels inside a patch, like a CNN's first layer.",
+    "position_similarity.png": "Tile (r, c) shows how similar the position embedding of the patch in row r, "
+    "column c is to every other patch's (paper Fig. 7 centre). A bright spot at the tile's own place that "
+    "fades with distance means the model learned 2D image topology from 1D embeddings; bright rows or "
+    "columns mean it learned row and column structure.",
+    "attention_distance.png": "For each head (a dot) of each layer, how far in pixels its attention reaches on "
+    "average, like a CNN's receptive field size (paper Fig. 7 right). Heads far below the dashed line attend "
+    "locally; heads near it spread their attention over the whole image.",
+    "attention_rollout.png": "Attention rollout (Abnar & Zuidema 2020, paper Fig. 6): the attention of every "
+    "layer, heads averaged and the residual connection added, multiplied through the network, read at the "
+    "token the classifier sees. Bright regions are the patches the prediction draws on most; where that "
+    "token is a patch (the blog model's first), its own patch is bright through the residual connection.",
+    "confusion_matrix.png": "Test images counted by true class (row) and predicted class (column); the "
+    "diagonal is correct. Off-diagonal cells (red numbers) show which digits the model confuses.",
+    "misclassified.png": "The test images the model got wrong with the most confidence, with their true and "
+    "predicted label and the probability it gave its prediction. Some are label noise or ambiguous "
+    "handwriting; the others show what the model has not learned.",
+    "accuracy.png": "Train and test accuracy per epoch.",
+    "loss.png": "Train and test loss per epoch.",
+}
+
+
+def sample_per_class(labels: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of `count` test images, taken class by class in turn, so every class shows up at least once."""
+    by_class = [torch.nonzero(labels == k).flatten() for k in range(int(labels.max()) + 1)]
+    picks = []
+    for rank in range(max(len(indices) for indices in by_class)):
+        picks += [indices[rank].item() for indices in by_class if rank < len(indices)]
+    return torch.tensor(picks[:count], dtype=torch.long)
+
+
+@torch.inference_mode()
+def attention_statistics(model: torch.nn.Module, images: torch.Tensor, config: ViTConfig,
+                         batch_size: int = 500, device: torch.device | str = "cpu"):
+    """Mean attention distance (L, H) and class-token attention (L, H) or None, over all `images`, in batches."""
+    grid = config.image_size // config.patch_size
+    distance_sum, class_sum = 0.0, 0.0
+    for start in range(0, len(images), batch_size):
+        x = normalize(images[start:start + batch_size].to(device), config.pixel_mean, config.pixel_std)
+        _, attentions = model(x, return_attention=True)
+        attentions = [a.float().cpu() for a in attentions]
+        distance_sum = distance_sum + mean_attention_distance(attentions, grid, config.patch_size) * len(x)
+        share = class_token_attention(attentions, grid)
+        class_sum = None if share is None else class_sum + share * len(x)
+    return distance_sum / len(images), None if class_sum is None else class_sum / len(images)
+
+
+@torch.inference_mode()
+def rollout_maps(model: torch.nn.Module, images: torch.Tensor, config: ViTConfig,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """(B, grid, grid) attention rollout of the token the classifier reads, for a few images."""
+    x = normalize(images.to(device), config.pixel_mean, config.pixel_std)
+    _, attentions = model(x, return_attention=True)
+    return rollout_map(attention_rollout([a.float().cpu() for a in attentions]),
+                       config.image_size // config.patch_size)
+
+
+def _rounded(tensor: torch.Tensor, digits: int = 4):
+    return [[round(v, digits) for v in row] for row in tensor.tolist()] if tensor.dim() == 2 else \
+        [round(v, digits) for v in tensor.tolist()]
+
+
+def analyze_run(run_path: str | Path, out: str | Path | None = None, device: torch.device | str = "cpu",
+                data_dir: str | None = None, log=print) -> Path:
+    """Write OUT/plots/*.png, OUT/analysis.json and OUT/report.html for the run; OUT is the run itself
+    unless `out` names another folder. Returns OUT."""
+    run = RunDir(run_path).require()
+    if "dataset" not in run.read_config():  # e.g. an exported Hugging Face directory, which load_run also reads
+        raise VitscopeError(f"{run.path} is not a training run (its config.json names no dataset to analyze on)")
+    model, config = load_run(run.path, device)
+    dataset = run.dataset(data_dir)
+    out = Path(out) if out is not None else run.path
+    plots = out / "plots"
+    grid = config.image_size // config.patch_size
+    images, labels = dataset.test_images, dataset.test_labels
+    is_blog = isinstance(model, BlogViT)
+
+    log(f"analyzing {run.path} on {len(labels)} test images ({dataset.name})")
+    logits = logits_of(model, images, config.pixel_mean, config.pixel_std, device=device)
+    probabilities = logits.softmax(dim=1)
+    confidences, predictions = probabilities.max(dim=1)
+    test = {"test_acc": (predictions == labels).float().mean().item(),
+            "test_loss": F.cross_entropy(logits, labels).item(), "n": len(labels)}
+    matrix = confusion_matrix(labels, predictions, config.num_classes)
+
+    distances, class_share = attention_statistics(model, images, config, device=device)
+    uniform = patch_distances(grid, config.patch_size).mean().item()  # what uniform attention would give
+    components, explained = embedding_principal_components(model)
+    similarity = None if is_blog else position_similarity(model)
+    samples = sample_per_class(labels, max(ROLLOUT_DIGITS, config.num_classes))
+    maps = rollout_maps(model, images[samples], config, device)
+    wrong = torch.nonzero(predictions != labels).flatten()
+    worst = wrong[confidences[wrong].argsort(descending=True)][:MISCLASSIFIED_SHOWN]
+    reader = "first patch token (top left, which the blog model classifies)" if is_blog else "class token"
+    class_token = "none, every token is a patch and a query" if is_blog else CLASS_TOKEN_TREATMENT
+
+    plot_embedding_filters(components, explained, plots / "embedding_filters.png")
+    plot_position_similarity(similarity, grid, plots / "position_similarity.png", NO_POSITION_EMBEDDING)
+    plot_attention_distance(distances, plots / "attention_distance.png", config.patch_size, uniform, len(labels),
+                            class_token)
+    plot_attention_rollout(images[samples], maps, labels[samples], predictions[samples],
+                           plots / "attention_rollout.png", reader)
+    plot_confusion_matrix(matrix, plots / "confusion_matrix.png")
+    plot_misclassified(images[worst], labels[worst], predictions[worst], confidences[worst],
+                       plots / "misclassified.png", len(wrong))
+
+    analysis = {
+        "run": str(run.path.resolve()),
+        "vitscope_version": __version__,
+        "architecture": config.architecture,
+        "dataset": dataset.name,
+        "test": test,
+        "confusion_matrix": {"rows": "true class", "columns": "predicted class", "counts": matrix.tolist()},
+        "mean_attention_distance": {
+            "unit": "pixels",
+            "images": len(labels),
+            "class_token": class_token,
+            "per_layer_and_head": _rounded(distances, 3),
+            "per_layer_mean": _rounded(distances.mean(dim=1), 3),
+            "uniform_attention": round(uniform, 3),
+            "patch_size": config.patch_size,
+            "grid": grid,
+        },
+        "class_token_attention": None if class_share is None else {
+            "meaning": "mean attention weight patch queries put on the class token, per layer and head",
+            "per_layer_and_head": _rounded(class_share)},
+        "embedding_principal_components": {
+            "filters": config.dim,
+            "filter_shape": [config.in_channels, config.patch_size, config.patch_size],
+            "explained_variance_ratio": _rounded(explained)},
+        "position_similarity": None if similarity is None else {
+            "cosine_similarity": _rounded(similarity),
+            "mean_by_relation": {k: round(v, 4) for k, v in similarity_by_relation(similarity, grid).items()}},
+        "attention_rollout": {"reads": reader, "test_indices": samples.tolist()},
+        "misclassified": [{"test_index": i, "true": labels[i].item(), "predicted": predictions[i].item(),
+                           "confidence": round(confidences[i].item(), 4)} for i in worst.tolist()],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "analysis.json").write_text(json.dumps(analysis, indent=2) + "\n")
+
+    curves = [run.plots / "accuracy.png", run.plots / "loss.png"]
+    metrics = run.read_metrics()
+    if metrics and not all(p.is_file() for p in curves):
+        curves = plot_training_curves(metrics, plots, title=f"{run.read_config().get('preset', '')} "
+                                      f"({config.architecture})")
+    write_report(out / "report.html", run, analysis, metrics, [p for p in curves if p.is_file()], plots)
+    log(f"wrote {plots}/ (6 figures), {out / 'analysis.json'}, {out / 'report.html'}")
+    return out
+
+
+# ---- report.html ---------------------------------------------------------------------------------
+
+STYLE = """body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222}
+h1{font-size:1.6em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #ddd;padding:.2em .5em;text-align:right}
+th{background:#f4f4f4}td.k{text-align:left;font-family:monospace}figure{margin:1.5em 0}
+img{max-width:100%;border:1px solid #eee}figcaption{font-size:.9em;color:#444;max-width:760px}
+.cols{display:flex;gap:2em;flex-wrap:wrap}.big{font-size:1.1em}"""
+
+
+def _image(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.name)}">'
+
+
+def _figure(path: Path) -> str:
+    return f"<figure>{_image(path)}<figcaption>{html.escape(CAPTIONS[path.name])}</figcaption></figure>"
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f'<td{" class=k" if i == 0 else ""}>{html.escape(str(v))}</td>'
+                                    for i, v in enumerate(row)) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _number(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def write_report(path: Path, run: RunDir, analysis: dict, metrics: list[dict], curves: list[Path],
+                 plots: Path) -> Path:
+    """One HTML page with everything inline (images as base64, no remote resources), readable offline."""
+    record = run.read_config()
+    test = analysis["test"]
+    distance = analysis["mean_attention_distance"]
+    config_rows = [[f"{section}.{k}", json.dumps(v)] for section in ("model", "train")
+                   for k, v in record.get(section, {}).items()]
+    config_rows += [[k, json.dumps(record[k])] for k in ("preset", "seed", "created", "precision", "hardware",
+                                                          "versions", "dataset") if k in record]
+    columns = list(metrics[0]) if metrics else []
+    metrics_table = _table(columns, [[_number(row.get(c)) for c in columns] for row in metrics]) if metrics \
+        else "<p>No metrics.jsonl in this run.</p>"
+    layer_rows = [[f"layer {i + 1}", *(f"{d:.1f}" for d in row), f"{mean:.1f}"]
+                  for i, (row, mean) in enumerate(zip(distance["per_layer_and_head"], distance["per_layer_mean"]))]
+    heads = len(distance["per_layer_and_head"][0])
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>vitscope report: {html.escape(run.path.name)}</title>
+<style>{STYLE}</style></head><body>
+<h1>vitscope report: {html.escape(str(run.path))}</h1>
+<p class="big">{html.escape(record.get('preset', 'custom'))} preset, {html.escape(analysis['architecture'])}
+architecture: test accuracy <b>{test['test_acc']:.2%}</b>, test loss {test['test_loss']:.4f} on {test['n']}
+{html.escape(analysis['dataset'])} test images.</p>
+<h2>Training</h2>
+<div class="cols">{''.join(_figure(p) for p in curves)}</div>
+{metrics_table}
+<h2>What the model learned (paper Fig. 7)</h2>
+{_figure(plots / 'embedding_filters.png')}
+{_figure(plots / 'position_similarity.png')}
+{_figure(plots / 'attention_distance.png')}
+<p>Mean attention distance in pixels over {distance['images']} test images (uniform attention:
+{distance['uniform_attention']:.1f} px). Class token: {html.escape(distance['class_token'])}.</p>
+{_table(['', *(f'head {h + 1}' for h in range(heads)), 'mean'], layer_rows)}
+<h2>Where it looks (paper Fig. 6)</h2>
+{_figure(plots / 'attention_rollout.png')}
+<h2>Errors</h2>
+{_figure(plots / 'confusion_matrix.png')}
+{_figure(plots / 'misclassified.png')}
+<h2>Configuration</h2>
+{_table(['field', 'value'], config_rows)}
+<p style="color:#888;font-size:.8em">vitscope {__version__}; the numbers behind the figures are in
+analysis.json beside this page.</p>
+</body></html>
+"""
+    path.write_text(page)
+    return path
