@@ -5,6 +5,7 @@ from .config import PRESETS, TrainConfig, ViTConfig  # noqa: E402
 from .errors import VitscopeError  # noqa: E402
 from .model import BlogViT, ViT, build_model  # noqa: E402
 from .rundir import RunDir, load_run  # noqa: E402
+from .prediction import predict  # noqa: E402
 
 __all__ = ["ViT", "BlogViT", "ViTConfig", "TrainConfig", "PRESETS", "build_model", "load_run", "RunDir",
-           "VitscopeError", "__version__"]
+           "VitscopeError", "predict", "__version__"]

@@ -77,6 +77,46 @@ def cmd_data(args) -> int:
     return 0
 
 
+def cmd_analyze(args) -> int:
+    from .device import select_device
+    from .report import analyze_run
+
+    analyze_run(args.run, args.out, device=select_device(args.device), data_dir=args.data_dir)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .prediction import load_model, predict_files, save_inputs
+
+    if args.top_k < 1:
+        raise VitscopeError("--top-k must be at least 1")
+    model = load_model(args.model)
+    results = predict_files(model, args.files)
+    if args.save_preprocessed:
+        save_inputs(results, args.save_preprocessed)
+    if args.json:
+        print(json.dumps([{k: v for k, v in r.items() if k != "input"} for r in results]))
+    for result in results:
+        if "error" in result:
+            print(f"vitscope predict: error: {result['file']}: {result['error']}", file=sys.stderr)
+        elif not args.json:
+            probs = result["probs"]
+            top = sorted(range(len(probs)), key=lambda c: -probs[c])[:args.top_k]
+            print(f"{result['file']}: {result['label']}  (" + ", ".join(f"{c}: {probs[c]:.1%}" for c in top) + ")")
+    if args.save_preprocessed and not args.json:
+        print(f"the images the model saw are in {args.save_preprocessed}")
+    return 2 if any("error" in r for r in results) else 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_run
+
+    result = export_run(args.run, args.format, args.out)
+    print(f"wrote {result.path}: checked in {result.runtime}, max |logit difference| from PyTorch "
+          f"{result.max_difference:.1e}")
+    return 0
+
+
 def build_parser() -> ArgumentParser:
     from .config import DEFAULT_PRESET, PRESETS
 
@@ -125,6 +165,46 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--dataset", default="mnist", choices=["mnist", "idx"], help="default mnist")
     p.add_argument("--data-dir", help="folder with the IDX files (plain or .gz)")
     p.set_defaults(func=cmd_data)
+
+    p = commands.add_parser("analyze", help="the ViT paper's figures, analysis.json and report.html for a run",
+                            description="Draw what a run's model learned (patch-embedding filters, position "
+                            "embedding similarity, mean attention distance, attention rollout) and its errors "
+                            "(confusion matrix, worst test errors) into OUT/plots/, with the numbers in "
+                            "OUT/analysis.json and everything in one self-contained OUT/report.html.")
+    p.add_argument("run", type=Path, help="run directory")
+    p.add_argument("--out", type=Path, help="folder to write into (default: the run directory itself)")
+    p.add_argument("--data-dir", help="MNIST IDX folder to read instead of the cache")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="default auto")
+    p.set_defaults(func=cmd_analyze)
+
+    p = commands.add_parser("predict", help="classify your own digit images (PNG, JPEG, BMP, GIF, WebP, TIFF)",
+                            description="Classify digit image files, each preprocessed the way MNIST was made: "
+                            "grayscale, a light background inverted, cropped to the ink, the longest side scaled "
+                            "to 20 px, strokes brought to MNIST's width, pasted into 28x28 centred by centre of "
+                            "mass. Exit 0 only when every file was read; 2 when any was refused (not an image, "
+                            "truncated, over 20 MB, over 8192 px a side or 40 megapixels, no ink).")
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE", help="image files")
+    p.add_argument("--model", type=Path, metavar="RUN",
+                   help="run directory (default: the small seed model shipped in the package)")
+    p.add_argument("--json", action="store_true", help='print one JSON list of {"file", "label", "probs"} or '
+                   '{"file", "error"}')
+    p.add_argument("--top-k", type=int, default=3, metavar="K",
+                   help="classes shown per file in text output (default 3)")
+    p.add_argument("--save-preprocessed", type=Path, metavar="DIR",
+                   help="also write the 28x28 image the model saw for each file into DIR")
+    p.set_defaults(func=cmd_predict)
+
+    p = commands.add_parser("export", help="export a run's model to ONNX or a Hugging Face transformers directory",
+                            description="Export a run's model: --format onnx writes one .onnx file for onnxruntime "
+                            "(input pixel_values (B, C, H, W) normalised as in training, output logits; "
+                            "normalisation and class names in its metadata); --format hf writes a directory that "
+                            "transformers' ViTForImageClassification and AutoImageProcessor load, with a model "
+                            "card. The export is run once in onnxruntime or transformers and its logits checked "
+                            "against PyTorch's. Needs: pip install 'vitscope[export]'.")
+    p.add_argument("run", type=Path, help="run directory (or a Hugging Face directory vitscope exported)")
+    p.add_argument("--format", required=True, choices=["onnx", "hf"], help="onnx or hf (Hugging Face transformers)")
+    p.add_argument("--out", required=True, type=Path, help="the .onnx file, or the directory for --format hf")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -69,6 +69,30 @@ def loss_of(logits: torch.Tensor, labels: torch.Tensor, config: TrainConfig) -> 
     return F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
 
 
+def make_train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, config: TrainConfig,
+                    model_config: ViTConfig, device: torch.device, precision: str):
+    """One optimisation step on a batch of uint8 images (B, H, W) and labels (B,): normalise, forward
+    (compiled when `config.compile`), loss, backward, clip, step. Returns the detached loss and the number
+    of correct predictions, as tensors, so the loop never waits on the device. benchmarks/throughput.py
+    times this very function."""
+    step_model = torch.compile(model) if config.compile else model
+    mean, std = model_config.pixel_mean, model_config.pixel_std
+
+    def train_step(images: torch.Tensor, labels: torch.Tensor):
+        with autocast(device, precision):
+            logits = step_model(normalize(images, mean, std))
+        loss = loss_of(logits.float(), labels, config)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        return loss.detach(), (logits.argmax(1) == labels).sum()
+
+    return train_step
+
+
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """Shuffling and augmentation of an epoch depend only on (seed, epoch): a resumed run sees the very
     batches an uninterrupted one would."""
@@ -172,20 +196,7 @@ def train(model_config: ViTConfig | None, train_config: TrainConfig | None, out:
     train_images = dataset.train_images.to(device)
     train_labels = dataset.train_labels.to(device)
     test_images, test_labels = dataset.test_images.to(device), dataset.test_labels
-    step_model = torch.compile(model) if train_config.compile else model
-    mean, std = model_config.pixel_mean, model_config.pixel_std
-
-    def train_step(images: torch.Tensor, labels: torch.Tensor):
-        with autocast(device, precision):
-            logits = step_model(normalize(images, mean, std))
-        loss = loss_of(logits.float(), labels, train_config)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if train_config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        return loss.detach(), (logits.argmax(1) == labels).sum()
+    train_step = make_train_step(model, optimizer, scheduler, train_config, model_config, device, precision)
 
     tensorboard = TensorBoard(run.path / "tensorboard" if train_config.tensorboard else None)
     epochs = train_config.epochs
@@ -216,7 +227,8 @@ def train(model_config: ViTConfig | None, train_config: TrainConfig | None, out:
         seconds = time.perf_counter() - start
         bar.close()
         lr = optimizer.param_groups[0]["lr"]  # where the schedule stands at the end of the epoch
-        result = evaluate(model, test_images, test_labels, mean, std, train_config.eval_batch_size, device, precision)
+        result = evaluate(model, test_images, test_labels, model_config.pixel_mean, model_config.pixel_std,
+                          train_config.eval_batch_size, device, precision)
         seen = steps_per_epoch * batch_size
         row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / steps_per_epoch, "train_acc": correct.item() / seen,
                "test_loss": result["test_loss"], "test_acc": result["test_acc"], "lr": lr,
