@@ -66,7 +66,8 @@ def assert_loads_cleanly(directory: Path):
     return model
 
 
-@pytest.mark.parametrize("config", [TINY, replace(TINY, fused_attention=False), replace(TINY, architecture="blog")],
+@pytest.mark.parametrize("config", [replace(TINY, attention="fused"), replace(TINY, attention="explicit"),
+                                    replace(TINY, architecture="blog")],
                          ids=["vit-fused-attention", "vit-explicit-attention", "blog"])
 def test_onnx_logits_equal_pytorchs_for_batch_sizes_1_and_7(config, tmp_path):
     model = scrambled(config)

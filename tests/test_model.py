@@ -46,14 +46,14 @@ def test_initialisation_is_truncated_normal_with_std_002():
 
 def test_fused_and_explicit_attention_give_the_same_logits():
     torch.manual_seed(0)
-    model = ViT(SEED_SIZE).eval()
+    model = ViT(ViTConfig(**{**SEED_SIZE.__dict__, "attention": "fused"})).eval()
     x = torch.randn(5, 1, 28, 28)
     fused = model(x)
     logits, _ = model(x, return_attention=True)  # the explicit path
-    unfused = ViT(ViTConfig(**{**SEED_SIZE.__dict__, "fused_attention": False})).eval()
-    unfused.load_state_dict(model.state_dict())
+    explicit = ViT(ViTConfig(**{**SEED_SIZE.__dict__, "attention": "explicit"})).eval()
+    explicit.load_state_dict(model.state_dict())
     torch.testing.assert_close(fused, logits, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(fused, unfused(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused, explicit(x), atol=1e-5, rtol=1e-5)
 
 
 def test_explicit_attention_equals_a_per_head_computation_from_the_weights():

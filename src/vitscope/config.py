@@ -25,7 +25,9 @@ class ViTConfig:
     mlp_dim: int = 128
     dropout: float = 0.0
     architecture: str = "vit"  # "vit" (the paper's) or "blog" (the seed blog's, quirks kept)
-    fused_attention: bool = True  # F.scaled_dot_product_attention; False = explicit softmax(QK^T)V
+    # "fused" = F.scaled_dot_product_attention, "explicit" = softmax(QK^T / sqrt(d)) V as three ops,
+    # "auto" = fused on GPUs, explicit on CPUs, where it measured as fast or faster (benchmarks/RESULTS.md).
+    attention: str = "auto"
     # How pixels in [0, 1] are normalised before the model sees them (part of the model's contract,
     # recorded so predict, serve and export feed it the same way).
     pixel_mean: float = 0.1307
@@ -36,6 +38,8 @@ class ViTConfig:
         return (self.image_size // self.patch_size) ** 2
 
     def validate(self) -> None:
+        if self.attention not in ("auto", "fused", "explicit"):
+            raise VitscopeError(f"attention must be auto, fused or explicit, not {self.attention!r}")
         if self.architecture not in ("vit", "blog"):
             raise VitscopeError(f"unknown architecture {self.architecture!r}: choose vit or blog")
         if self.image_size % self.patch_size:
@@ -58,6 +62,7 @@ class TrainConfig:
     softmax_before_loss: bool = False  # the blog's bug: CrossEntropyLoss applied to probabilities
     augment_shift: int = 0  # random translation by up to this many pixels, done in batches
     grad_clip: float = 0.0  # 0 = off
+    fused_optimizer: bool = True  # one fused Adam(W) kernel for all parameters (CPU and CUDA)
     seed: int = 0
     dataset: str = "mnist"  # "mnist" or "idx"
     data_dir: str | None = None

@@ -26,20 +26,22 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention; fused (scaled_dot_product_attention) unless weights are asked for.
+    """Multi-head self-attention. `implementation` "fused" uses F.scaled_dot_product_attention, "explicit"
+    the three ops softmax(QK^T * scale) V, "auto" fused on GPUs and explicit on CPUs (at these sizes the
+    CPU flash kernel is slower than three small matmuls). Explicit whenever the weights are asked for.
 
     `scale` defaults to 1/sqrt(head_dim), as in the paper; the blog model overrides it.
     """
 
     def __init__(self, dim: int, heads: int, qkv_bias: bool = True, scale: float | None = None,
-                 fused: bool = True):
+                 implementation: str = "auto"):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
         self.heads = heads
         self.head_dim = dim // heads
         self.scale = scale if scale is not None else self.head_dim ** -0.5
-        self.fused = fused
+        self.implementation = implementation
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
@@ -47,7 +49,8 @@ class Attention(nn.Module):
         B, T, D = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, H, T, head_dim)
-        if self.fused and not return_attention:
+        fused = self.implementation == "fused" or (self.implementation == "auto" and x.device.type != "cpu")
+        if fused and not return_attention:
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
             attention = None
         else:
@@ -73,10 +76,10 @@ class Block(nn.Module):
     """Pre-norm encoder block: x + MSA(LN(x)), then x + MLP(LN(x))."""
 
     def __init__(self, dim: int, heads: int, mlp_dim: int, dropout: float = 0.0, activation: str = "gelu",
-                 qkv_bias: bool = True, scale: float | None = None, fused: bool = True):
+                 qkv_bias: bool = True, scale: float | None = None, attention: str = "auto"):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, heads, qkv_bias=qkv_bias, scale=scale, fused=fused)
+        self.attn = Attention(dim, heads, qkv_bias=qkv_bias, scale=scale, implementation=attention)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = MLP(dim, mlp_dim, activation, dropout)
         self.drop = nn.Dropout(dropout)
@@ -118,7 +121,7 @@ class ViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches + 1, config.dim))
         self.pos_drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(
-            Block(config.dim, config.heads, config.mlp_dim, config.dropout, fused=config.fused_attention)
+            Block(config.dim, config.heads, config.mlp_dim, config.dropout, attention=config.attention)
             for _ in range(config.depth))
         self.norm = nn.LayerNorm(config.dim, eps=1e-6)
         self.head = nn.Linear(config.dim, config.num_classes)
@@ -157,7 +160,7 @@ class BlogViT(nn.Module):
         self.pos_embedding = nn.Linear(patch_pixels, config.dim)
         self.blocks = nn.ModuleList(
             Block(config.dim, config.heads, config.mlp_dim, config.dropout, activation="relu", qkv_bias=False,
-                  scale=config.dim ** -0.5, fused=config.fused_attention)
+                  scale=config.dim ** -0.5, attention=config.attention)
             for _ in range(config.depth))
         self.norm = nn.LayerNorm(config.dim)
         self.head = nn.Linear(config.dim, config.num_classes)

@@ -40,10 +40,12 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     groups = parameter_groups(model, config.weight_decay)
-    betas = (0.9, config.beta2)
-    if config.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=config.lr, betas=betas)
-    return torch.optim.AdamW(groups, lr=config.lr, betas=betas)
+    # The fused kernel updates every parameter in one call: at 40k parameters in ~40 tensors the per-tensor
+    # loop of the default implementation is a tenth of a training step on a CPU.
+    device = next(model.parameters()).device.type
+    fused = config.fused_optimizer and device in ("cpu", "cuda")
+    optimizer = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
+    return optimizer(groups, lr=config.lr, betas=(0.9, config.beta2), fused=fused or None)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:

@@ -1,0 +1,173 @@
+"""Training throughput (forward, backward, optimizer step) of vitscope and its peers, in one process.
+
+    python benchmarks/throughput.py --size seed --json
+    python benchmarks/throughput.py --size mid --impl vitscope,timm --all
+
+Every implementation builds the same ViT (patch size, width, depth, heads, MLP width), gets random
+in-memory images at the same batch size, and runs AdamW steps. Each is tried at each of its settings
+(fp32 or bf16 autocast where the CPU has native bf16; fused attention on or off where the implementation
+has the switch; eager or torch.compile'd when --compile) and its best setting is its row. Images/s is the
+median over --windows timed windows after a warm-up. The vitscope row times `vitscope.train.make_train_step`,
+the very step `vitscope train` runs (uint8 images in, normalised inside the step).
+
+Peers need torchvision (timm, vit-pytorch): run this in the environment benchmarks/setup_env.sh makes.
+One JSON object per line with --json: {"impl", "size", "batch", "dtype", "img_per_s", ...}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+SIZES = {  # patch, dim, depth, heads, mlp
+    "seed": dict(patch_size=7, dim=32, depth=3, heads=4, mlp_dim=128),
+    "mid": dict(patch_size=4, dim=128, depth=6, heads=4, mlp_dim=512),
+}
+IMPLS = ["vitscope", "hf", "vit-pytorch", "timm"]
+
+
+def build_vitscope(size: dict, fused: bool):
+    from vitscope import ViT, ViTConfig
+    return ViT(ViTConfig(attention="fused" if fused else "explicit", **size))
+
+
+def build_hf(size: dict, fused: bool):
+    from transformers import ViTConfig as HFConfig, ViTForImageClassification
+    config = HFConfig(image_size=28, patch_size=size["patch_size"], num_channels=1, hidden_size=size["dim"],
+                      num_hidden_layers=size["depth"], num_attention_heads=size["heads"],
+                      intermediate_size=size["mlp_dim"], num_labels=10,
+                      attn_implementation="sdpa" if fused else "eager")
+    model = ViTForImageClassification(config)
+    return LogitsOf(model, lambda m, x: m(pixel_values=x).logits)
+
+
+def build_vit_pytorch(size: dict, fused: bool):
+    from vit_pytorch import ViT
+    return ViT(image_size=28, patch_size=size["patch_size"], num_classes=10, dim=size["dim"], depth=size["depth"],
+               heads=size["heads"], mlp_dim=size["mlp_dim"], channels=1, dim_head=size["dim"] // size["heads"])
+
+
+def build_timm(size: dict, fused: bool):
+    from timm.models.vision_transformer import VisionTransformer
+    model = VisionTransformer(img_size=28, patch_size=size["patch_size"], in_chans=1, num_classes=10,
+                              embed_dim=size["dim"], depth=size["depth"], num_heads=size["heads"],
+                              mlp_ratio=size["mlp_dim"] / size["dim"])
+    for block in model.blocks:
+        block.attn.fused_attn = fused
+    return model
+
+
+class LogitsOf(torch.nn.Module):
+    """Wraps a model whose forward needs keyword arguments or returns a structure."""
+
+    def __init__(self, model, call):
+        super().__init__()
+        self.model, self.call = model, call
+
+    def forward(self, x):
+        return self.call(self.model, x)
+
+
+BUILDERS = {"vitscope": build_vitscope, "hf": build_hf, "vit-pytorch": build_vit_pytorch, "timm": build_timm}
+HAS_FUSED_SWITCH = {"vitscope": True, "hf": True, "vit-pytorch": False, "timm": True}
+
+
+def peer_step(model, optimizer, dtype: str, compiled: bool):
+    forward = torch.compile(model) if compiled else model
+
+    def step(images, labels):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            logits = forward(images)
+        loss = F.cross_entropy(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    return step
+
+
+def vitscope_step(model, size: dict, dtype: str, compiled: bool):
+    from vitscope import TrainConfig, ViTConfig
+    from vitscope.train import make_optimizer, make_scheduler, make_train_step
+    config = TrainConfig(optimizer="adamw", lr=1e-3, precision=dtype, compile=compiled)
+    optimizer = make_optimizer(model, config)
+    scheduler = make_scheduler(optimizer, config, steps_per_epoch=10**6)
+    return make_train_step(model, optimizer, scheduler, config, ViTConfig(**size), torch.device("cpu"), dtype)
+
+
+def measure(impl: str, size_name: str, batch: int, dtype: str, fused: bool, compiled: bool,
+            windows: int, steps: int, warmup: int) -> dict:
+    size = SIZES[size_name]
+    torch.manual_seed(0)
+    model = BUILDERS[impl](size, fused).train()
+    labels = torch.randint(0, 10, (batch,))
+    if impl == "vitscope":
+        step = vitscope_step(model, size, dtype, compiled)
+        images = torch.randint(0, 256, (batch, 28, 28), dtype=torch.uint8)
+    else:
+        step = peer_step(model, torch.optim.AdamW(model.parameters(), lr=1e-3), dtype, compiled)
+        images = torch.randn(batch, 1, 28, 28)
+    start = time.perf_counter()
+    for _ in range(warmup):
+        step(images, labels)
+    warmup_seconds = time.perf_counter() - start
+    rates = []
+    for _ in range(windows):
+        start = time.perf_counter()
+        for _ in range(steps):
+            step(images, labels)
+        rates.append(steps * batch / (time.perf_counter() - start))
+    return {"impl": impl, "size": size_name, "batch": batch, "dtype": dtype, "fused_attention": fused,
+            "compiled": compiled, "img_per_s": round(statistics.median(rates), 1),
+            "windows": [round(r, 1) for r in rates], "warmup_seconds": round(warmup_seconds, 1)}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", choices=list(SIZES), default="seed")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--impl", default=",".join(IMPLS), help=f"comma-separated, of {IMPLS}")
+    ap.add_argument("--dtype", default="auto", help="fp32, bf16, or auto: fp32 plus bf16 where the CPU has it natively")
+    ap.add_argument("--compile", choices=["off", "on", "both"], default="off")
+    ap.add_argument("--windows", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=0, help="steps per window (default: about 2 s worth)")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--all", action="store_true", help="print every setting, not only each impl's best")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from vitscope.device import cpu_has_native_bf16, cpu_name
+    from vitscope.model import flops_per_image
+    from vitscope import ViTConfig
+    dtypes = (["fp32"] + (["bf16"] if cpu_has_native_bf16() else [])) if args.dtype == "auto" else args.dtype.split(",")
+    compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    train_flops = 3 * flops_per_image(ViTConfig(**SIZES[args.size]))
+    steps = args.steps or (40 if args.size == "seed" else 4)
+    context = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    if not args.json:
+        print(f"# {context}; training FLOPs per image {train_flops / 1e6:.2f} M", file=sys.stderr)
+    for impl in args.impl.split(","):
+        rows = []
+        for dtype in dtypes:
+            for fused in ([True, False] if HAS_FUSED_SWITCH[impl] else [True]):
+                for compiled in compiles:
+                    row = measure(impl, args.size, args.batch, dtype, fused, compiled, args.windows, steps,
+                                  warmup=3 if compiled else 2)
+                    row.update(context, gflops=round(row["img_per_s"] * train_flops / 1e9, 1))
+                    rows.append(row)
+                    if args.all:
+                        print(json.dumps(row) if args.json else row, flush=True)
+        if not args.all:
+            best = max(rows, key=lambda r: r["img_per_s"])
+            print(json.dumps(best) if args.json else best, flush=True)
+
+
+if __name__ == "__main__":
+    main()
