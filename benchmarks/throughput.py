@@ -77,11 +77,11 @@ BUILDERS = {"vitscope": build_vitscope, "hf": build_hf, "vit-pytorch": build_vit
 HAS_FUSED_SWITCH = {"vitscope": True, "hf": True, "vit-pytorch": False, "timm": True}
 
 
-def peer_step(model, optimizer, dtype: str, compiled: bool):
+def peer_step(model, optimizer, dtype: str, compiled: bool, device: torch.device):
     forward = torch.compile(model) if compiled else model
 
     def step(images, labels):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
             logits = forward(images)
         loss = F.cross_entropy(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
@@ -92,36 +92,39 @@ def peer_step(model, optimizer, dtype: str, compiled: bool):
     return step
 
 
-def vitscope_step(model, size: dict, dtype: str, compiled: bool):
+def vitscope_step(model, size: dict, dtype: str, compiled: bool, device: torch.device):
     from vitscope import TrainConfig, ViTConfig
     from vitscope.train import make_optimizer, make_scheduler, make_train_step
     config = TrainConfig(optimizer="adamw", lr=1e-3, precision=dtype, compile=compiled)
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config, steps_per_epoch=10**6)
-    return make_train_step(model, optimizer, scheduler, config, ViTConfig(**size), torch.device("cpu"), dtype)
+    return make_train_step(model, optimizer, scheduler, config, ViTConfig(**size), device, dtype)
 
 
 def measure(impl: str, size_name: str, batch: int, dtype: str, fused: bool, compiled: bool,
-            windows: int, steps: int, warmup: int) -> dict:
+            windows: int, steps: int, warmup: int, device: torch.device) -> dict:
     size = SIZES[size_name]
     torch.manual_seed(0)
-    model = BUILDERS[impl](size, fused).train()
-    labels = torch.randint(0, 10, (batch,))
+    model = BUILDERS[impl](size, fused).train().to(device)
+    labels = torch.randint(0, 10, (batch,), device=device)
     if impl == "vitscope":
-        step = vitscope_step(model, size, dtype, compiled)
-        images = torch.randint(0, 256, (batch, 28, 28), dtype=torch.uint8)
+        step = vitscope_step(model, size, dtype, compiled, device)
+        images = torch.randint(0, 256, (batch, 28, 28), dtype=torch.uint8, device=device)
     else:
-        step = peer_step(model, torch.optim.AdamW(model.parameters(), lr=1e-3), dtype, compiled)
-        images = torch.randn(batch, 1, 28, 28)
+        step = peer_step(model, torch.optim.AdamW(model.parameters(), lr=1e-3), dtype, compiled, device)
+        images = torch.randn(batch, 1, 28, 28, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     start = time.perf_counter()
     for _ in range(warmup):
         step(images, labels)
+    sync()
     warmup_seconds = time.perf_counter() - start
     rates = []
     for _ in range(windows):
         start = time.perf_counter()
         for _ in range(steps):
             step(images, labels)
+        sync()
         rates.append(steps * batch / (time.perf_counter() - start))
     return {"impl": impl, "size": size_name, "batch": batch, "dtype": dtype, "fused_attention": fused,
             "compiled": compiled, "img_per_s": round(statistics.median(rates), 1),
@@ -138,6 +141,7 @@ def main():
     ap.add_argument("--windows", type=int, default=5)
     ap.add_argument("--steps", type=int, default=0, help="steps per window (default: about 2 s worth)")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--all", action="store_true", help="print every setting, not only each impl's best")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -146,11 +150,15 @@ def main():
     from vitscope.device import cpu_has_native_bf16, cpu_name
     from vitscope.model import flops_per_image
     from vitscope import ViTConfig
-    dtypes = (["fp32"] + (["bf16"] if cpu_has_native_bf16() else [])) if args.dtype == "auto" else args.dtype.split(",")
+    device = torch.device(args.device)
+    native_bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()
+    dtypes = (["fp32"] + (["bf16"] if native_bf16 else [])) if args.dtype == "auto" else args.dtype.split(",")
     compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     train_flops = 3 * flops_per_image(ViTConfig(**SIZES[args.size]))
-    steps = args.steps or (40 if args.size == "seed" else 4)
-    context = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    steps = args.steps or (40 if args.size == "seed" or device.type == "cuda" else 4)
+    context = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(device)}
+    if device.type == "cuda":
+        context["gpu"] = torch.cuda.get_device_name()
     if not args.json:
         print(f"# {context}; training FLOPs per image {train_flops / 1e6:.2f} M", file=sys.stderr)
     for impl in args.impl.split(","):
@@ -159,7 +167,7 @@ def main():
             for fused in ([True, False] if HAS_FUSED_SWITCH[impl] else [True]):
                 for compiled in compiles:
                     row = measure(impl, args.size, args.batch, dtype, fused, compiled, args.windows, steps,
-                                  warmup=3 if compiled else 2)
+                                  warmup=3 if compiled else 2, device=device)
                     row.update(context, gflops=round(row["img_per_s"] * train_flops / 1e9, 1))
                     rows.append(row)
                     if args.all:

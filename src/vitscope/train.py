@@ -229,8 +229,9 @@ def train(model_config: ViTConfig | None, train_config: TrainConfig | None, out:
         seconds = time.perf_counter() - start
         bar.close()
         lr = optimizer.param_groups[0]["lr"]  # where the schedule stands at the end of the epoch
+        # Evaluated in fp32 whatever the training precision, so metrics.jsonl and `vitscope eval` agree.
         result = evaluate(model, test_images, test_labels, model_config.pixel_mean, model_config.pixel_std,
-                          train_config.eval_batch_size, device, precision)
+                          train_config.eval_batch_size, device, "fp32")
         seen = steps_per_epoch * batch_size
         row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / steps_per_epoch, "train_acc": correct.item() / seen,
                "test_loss": result["test_loss"], "test_acc": result["test_acc"], "lr": lr,
