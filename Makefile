@@ -5,7 +5,8 @@ VENV ?= .venv
 #   make setup TORCH="torch --index-url https://download.pytorch.org/whl/cu128"
 TORCH ?= torch==2.13.0
 PRESET ?= seed
-RUN ?= runs/$(PRESET)-$(shell date +%Y%m%d-%H%M%S)
+TIMESTAMP := $(shell date +%Y%m%d-%H%M%S)
+RUN ?= runs/$(PRESET)-$(TIMESTAMP)
 BIN := $(VENV)/bin
 
 .PHONY: setup run test test-fast clean
@@ -20,6 +21,7 @@ $(VENV)/.installed: pyproject.toml
 
 run: setup
 	$(BIN)/vitscope train --preset $(PRESET) --out $(RUN)
+	$(BIN)/vitscope analyze $(RUN)
 
 test: setup
 	$(BIN)/python -m pytest -ra
