@@ -157,6 +157,29 @@ def test_random_shift_is_the_identity_at_zero():
     assert torch.equal(data.random_shift(images, 0, torch.Generator()), images)
 
 
+def test_random_rotate_scale_of_a_centred_disc_keeps_it_and_a_bar_turns():
+    images = torch.zeros(32, 28, 28, dtype=torch.uint8)
+    rows, cols = torch.meshgrid(torch.arange(28), torch.arange(28), indexing="ij")
+    disc = ((rows - 13.5) ** 2 + (cols - 13.5) ** 2 <= 36)
+    images[:] = disc.to(torch.uint8) * 255
+    turned = data.random_rotate_scale(images, 30, 0.0, torch.Generator().manual_seed(0))
+    assert (turned.float() - images.float()).abs().mean() < 8  # a disc about the centre is rotation-invariant
+    bar = torch.zeros(1, 28, 28, dtype=torch.uint8)
+    bar[0, 13:15, 4:24] = 255  # horizontal
+    generator = torch.Generator().manual_seed(1)
+    turned_bar = data.random_rotate_scale(bar.expand(64, 28, 28).clone(), 45, 0.0, generator)
+    rows_spanned = (turned_bar > 128).any(2).sum(1)
+    assert rows_spanned.max() > 8  # some turned by tens of degrees now span many rows
+    scaled = data.random_rotate_scale(images, 0, 0.3, torch.Generator().manual_seed(2))
+    ink = (scaled > 128).sum((1, 2)).float() / disc.sum()
+    assert ink.min() < 0.85 and ink.max() > 1.15 and ink.max() < 1.8  # areas scale by up to 1.3^2
+
+
+def test_random_rotate_scale_is_the_identity_when_off():
+    images = torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8)
+    assert torch.equal(data.random_rotate_scale(images, 0, 0, torch.Generator()), images)
+
+
 def test_normalize_maps_uint8_to_the_model_scale():
     x = data.normalize(torch.tensor([[[0, 255]]], dtype=torch.uint8), mean=0.5, std=0.5)
     assert x.shape == (1, 1, 1, 2)

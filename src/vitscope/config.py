@@ -61,6 +61,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     softmax_before_loss: bool = False  # the blog's bug: CrossEntropyLoss applied to probabilities
     augment_shift: int = 0  # random translation by up to this many pixels, done in batches
+    augment_rotate: float = 0.0  # random rotation by up to this many degrees (0 = off)
+    augment_scale: float = 0.0  # random scaling by a factor in [1 - this, 1 + this] (0 = off)
     grad_clip: float = 0.0  # 0 = off
     fused_optimizer: bool = True  # one fused Adam(W) kernel for all parameters (CPU and CUDA)
     seed: int = 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import io
 import os
 import pickle
@@ -323,3 +324,24 @@ def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generato
     cols = offsets[1, :, None] + torch.arange(W, device=images.device)  # (B, W)
     batch = torch.arange(B, device=images.device)[:, None, None]
     return padded[batch, rows[:, :, None], cols[:, None, :]]
+
+
+def random_rotate_scale(images: torch.Tensor, max_degrees: float, max_scale: float,
+                        generator: torch.Generator) -> torch.Tensor:
+    """Rotate each image of a batch (B, H, W) uint8 by its own random angle in [-max_degrees, max_degrees]
+    and scale it by a factor in [1 - max_scale, 1 + max_scale] about the centre, as one batched
+    grid_sample (bilinear, background 0)."""
+    if max_degrees <= 0 and max_scale <= 0:
+        return images
+    B, H, W = images.shape
+    draws = torch.rand(2, B, generator=generator).to(images.device) * 2 - 1  # uniform in [-1, 1]
+    angle = draws[0] * math.radians(max_degrees)
+    scale = 1 + draws[1] * max_scale
+    # affine_grid maps output coordinates to input ones: the inverse of "rotate by angle, scale by scale".
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    zeros = torch.zeros_like(cos)
+    theta = torch.stack([torch.stack([cos, -sin, zeros], 1), torch.stack([sin, cos, zeros], 1)], 1)  # (B, 2, 3)
+    grid = torch.nn.functional.affine_grid(theta, (B, 1, H, W), align_corners=False)
+    moved = torch.nn.functional.grid_sample(images.unsqueeze(1).float(), grid, mode="bilinear",
+                                            padding_mode="zeros", align_corners=False)
+    return moved.squeeze(1).round().clamp(0, 255).to(torch.uint8)

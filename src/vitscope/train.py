@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .config import TrainConfig, ViTConfig
-from .data import Dataset, load_dataset, normalize, random_shift
+from .data import Dataset, load_dataset, normalize, random_rotate_scale, random_shift
 from .device import autocast, describe_hardware, select_device, select_precision
 from .errors import VitscopeError
 from .evaluate import evaluate
@@ -215,7 +215,9 @@ def train(model_config: ViTConfig | None, train_config: TrainConfig | None, out:
         start = time.perf_counter()
         for step in range(steps_per_epoch):
             index = order[step * batch_size:(step + 1) * batch_size]
-            images = random_shift(train_images[index], train_config.augment_shift, generator)
+            images = random_rotate_scale(train_images[index], train_config.augment_rotate,
+                                         train_config.augment_scale, generator)
+            images = random_shift(images, train_config.augment_shift, generator)
             loss, hits = train_step(images, train_labels[index])
             loss_sum += loss
             correct += hits
