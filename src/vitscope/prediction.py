@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import normalize
 from .errors import VitscopeError
+from .evaluate import logits_of
 from .preprocess import ImageRejected, mnist_style, read_image
 from .rundir import load_run
 
@@ -63,16 +63,11 @@ def model_input_size(model: torch.nn.Module) -> int:
     return config.image_size
 
 
-@torch.inference_mode()
 def classify(model: torch.nn.Module, inputs: np.ndarray) -> torch.Tensor:
     """Preprocessed uint8 images (N, S, S) -> class probabilities (N, num_classes), fp32 on the CPU."""
     device = next(model.parameters()).device
-    x = normalize(torch.from_numpy(inputs).to(device), model.config.pixel_mean, model.config.pixel_std)
-    was_training = model.training  # a model mid-training goes back to training mode afterwards
-    model.eval()
-    probs = model(x).float().softmax(dim=-1).cpu()
-    model.train(was_training)
-    return probs
+    config = model.config
+    return logits_of(model, torch.from_numpy(inputs), config.pixel_mean, config.pixel_std, device=device).softmax(-1)
 
 
 def predict(model: torch.nn.Module | str | Path | None,

@@ -16,8 +16,6 @@ from .analysis import (CLASS_TOKEN_TREATMENT, attention_rollout, class_token_att
                        position_similarity, rollout_map, similarity_by_relation)
 from .config import ViTConfig
 from .data import normalize
-from .errors import VitscopeError
-from .evaluate import logits_of
 from .figures import (plot_attention_distance, plot_attention_rollout, plot_confusion_matrix,
                       plot_embedding_filters, plot_misclassified, plot_position_similarity)
 from .model import BlogViT
@@ -69,17 +67,22 @@ def sample_per_class(labels: torch.Tensor, count: int) -> torch.Tensor:
 @torch.inference_mode()
 def attention_statistics(model: torch.nn.Module, images: torch.Tensor, config: ViTConfig,
                          batch_size: int = 500, device: torch.device | str = "cpu"):
-    """Mean attention distance (L, H) and class-token attention (L, H) or None, over all `images`, in batches."""
+    """One pass over all `images`, in batches: fp32 logits (N, classes) on the CPU, mean attention distance
+    (L, H), and class-token attention (L, H) or None."""
+    was_training = model.training
+    model.eval()
     grid = config.image_size // config.patch_size
-    distance_sum, class_sum = 0.0, 0.0
+    distance_sum, class_sum, logits = 0.0, 0.0, []
     for start in range(0, len(images), batch_size):
         x = normalize(images[start:start + batch_size].to(device), config.pixel_mean, config.pixel_std)
-        _, attentions = model(x, return_attention=True)
+        batch_logits, attentions = model(x, return_attention=True)
+        logits.append(batch_logits.float().cpu())
         attentions = [a.float().cpu() for a in attentions]
         distance_sum = distance_sum + mean_attention_distance(attentions, grid, config.patch_size) * len(x)
         share = class_token_attention(attentions, grid)
         class_sum = None if share is None else class_sum + share * len(x)
-    return distance_sum / len(images), None if class_sum is None else class_sum / len(images)
+    model.train(was_training)
+    return torch.cat(logits), distance_sum / len(images), None if class_sum is None else class_sum / len(images)
 
 
 @torch.inference_mode()
@@ -102,10 +105,8 @@ def analyze_run(run_path: str | Path, out: str | Path | None = None, device: tor
     """Write OUT/plots/*.png, OUT/analysis.json and OUT/report.html for the run; OUT is the run itself
     unless `out` names another folder. Returns OUT."""
     run = RunDir(run_path).require()
-    if "dataset" not in run.read_config():  # e.g. an exported Hugging Face directory, which load_run also reads
-        raise VitscopeError(f"{run.path} is not a training run (its config.json names no dataset to analyze on)")
+    dataset = run.dataset(data_dir)  # first: an exported model directory has no dataset, and says so
     model, config = load_run(run.path, device)
-    dataset = run.dataset(data_dir)
     out = Path(out) if out is not None else run.path
     plots = out / "plots"
     grid = config.image_size // config.patch_size
@@ -113,14 +114,14 @@ def analyze_run(run_path: str | Path, out: str | Path | None = None, device: tor
     is_blog = isinstance(model, BlogViT)
 
     log(f"analyzing {run.path} on {len(labels)} test images ({dataset.name})")
-    logits = logits_of(model, images, config.pixel_mean, config.pixel_std, device=device)
+    # The forward pass that yields the attention weights also gives the logits: one pass over the test set.
+    logits, distances, class_share = attention_statistics(model, images, config, device=device)
     probabilities = logits.softmax(dim=1)
     confidences, predictions = probabilities.max(dim=1)
     test = {"test_acc": (predictions == labels).float().mean().item(),
             "test_loss": F.cross_entropy(logits, labels).item(), "n": len(labels)}
     matrix = confusion_matrix(labels, predictions, config.num_classes)
 
-    distances, class_share = attention_statistics(model, images, config, device=device)
     uniform = patch_distances(grid, config.patch_size).mean().item()  # what uniform attention would give
     components, explained = embedding_principal_components(model)
     similarity = None if is_blog else position_similarity(model)
