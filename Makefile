@@ -4,7 +4,7 @@ VENV ?= .venv
 # The CPU build of torch 2.13.0 is installed first; for a GPU, set TORCH to the build you want, e.g.
 #   make setup TORCH="torch --index-url https://download.pytorch.org/whl/cu128"
 TORCH ?= torch==2.13.0
-PRESET ?= seed
+PRESET ?= fast
 TIMESTAMP := $(shell date +%Y%m%d-%H%M%S)
 RUN ?= runs/$(PRESET)-$(TIMESTAMP)
 BIN := $(VENV)/bin

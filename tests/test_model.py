@@ -44,6 +44,14 @@ def test_initialisation_is_truncated_normal_with_std_002():
     assert model.blocks[0].attn.qkv.bias.abs().max() == 0
 
 
+def test_position_embedding_std_is_a_config_field():
+    torch.manual_seed(0)
+    model = ViT(ViTConfig(dim=64, mlp_dim=256, pos_embed_std=1.0))
+    assert 0.75 < model.pos_embed.std().item() < 0.95  # std 1 cut at two std: ~0.88
+    assert model.pos_embed.abs().max().item() <= 2.0 + 1e-6
+    assert model.blocks[0].attn.qkv.weight.std().item() < 0.021  # the rest keeps std 0.02
+
+
 def test_fused_and_explicit_attention_give_the_same_logits():
     torch.manual_seed(0)
     model = ViT(ViTConfig(**{**SEED_SIZE.__dict__, "attention": "fused"})).eval()

@@ -147,3 +147,18 @@ def test_blog_recipe_file_in_the_repository_is_the_blogs_exact_recipe():
         "adam", 3e-4, "constant", 64, 20)
     assert recipe.weight_decay == 0 and recipe.label_smoothing == 0 and recipe.augment_shift == 0
     assert recipe.warmup_epochs == 0 and math.isclose(model.dim, 32) and model.architecture == "vit"
+
+
+def test_fast_preset_is_the_default_and_trains_with_muon(idx_dir, tmp_path):
+    from vitscope.config import DEFAULT_PRESET
+    assert DEFAULT_PRESET == "fast"
+    model, recipe = resolve_config("fast", {})
+    assert (model.patch_size, model.dim, model.depth, model.heads, model.mlp_dim) == (7, 64, 4, 4, 256)
+    assert recipe.optimizer == "muon" and recipe.precision == "auto"
+    run = tmp_path / "run"
+    p = run_cli("train", "--dataset", "idx", "--data-dir", idx_dir, "--epochs", "2", "--out", run, "--no-progress")
+    assert p.returncode == 0, p.stderr
+    config = json.loads((run / "config.json").read_text())
+    assert config["preset"] == "fast" and config["train"]["optimizer"] == "muon"
+    assert config["model"]["pos_embed_std"] == 1.0
+    assert config["precision"] in ("fp32", "bf16")

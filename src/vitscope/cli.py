@@ -185,7 +185,7 @@ def build_parser() -> ArgumentParser:
                             "truncated, over 20 MB, over 8192 px a side or 40 megapixels, no ink).")
     p.add_argument("files", nargs="+", type=Path, metavar="FILE", help="image files")
     p.add_argument("--model", type=Path, metavar="RUN",
-                   help="run directory (default: the small seed model shipped in the package)")
+                   help="run directory (default: the small fast-preset model shipped in the package)")
     p.add_argument("--json", action="store_true", help='print one JSON list of {"file", "label", "probs"} or '
                    '{"file", "error"}')
     p.add_argument("--top-k", type=int, default=3, metavar="K",

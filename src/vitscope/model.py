@@ -126,7 +126,7 @@ class ViT(nn.Module):
         self.norm = nn.LayerNorm(config.dim, eps=1e-6)
         self.head = nn.Linear(config.dim, config.num_classes)
         self.apply(_init_weights)
-        _trunc_normal(self.pos_embed)
+        _trunc_normal(self.pos_embed, config.pos_embed_std)
         _trunc_normal(self.cls_token)
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ class Prediction(NamedTuple):
 
 
 def load_model(model: torch.nn.Module | str | Path | None = None) -> torch.nn.Module:
-    """A model as given, or loaded in eval mode from a run directory, or (None) the bundled seed model."""
+    """A model as given, or loaded in eval mode from a run directory, or (None) the bundled model."""
     if isinstance(model, torch.nn.Module):
         return model
     return load_run(BUNDLED_RUN if model is None else model)[0]

@@ -21,6 +21,7 @@ from .device import autocast, describe_hardware, select_device, select_precision
 from .errors import VitscopeError
 from .evaluate import evaluate
 from .model import build_model, count_parameters, flops_per_image
+from .optim import MuonAdamW
 from .plots import plot_training_curves
 from .rundir import RunDir, config_to_dict
 
@@ -29,16 +30,27 @@ def default_out(preset: str) -> Path:
     return Path("runs") / f"{preset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: not on biases, LayerNorm, the class token or position embeddings."""
-    decay, no_decay = [], []
+def parameter_groups(model: torch.nn.Module, weight_decay: float, muon_lr: float | None = None) -> list[dict]:
+    """Weight decay on matrices only: not on biases, LayerNorm, the class token or position embeddings.
+    With `muon_lr`, the encoder blocks' matrices form a group of their own for Muon."""
+    decay, no_decay, muon = [], [], []
     for name, param in model.named_parameters():
-        skip = param.ndim < 2 or name.endswith(("cls_token", "pos_embed"))
-        (no_decay if skip else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if muon_lr is not None and param.ndim == 2 and name.startswith("blocks."):
+            muon.append(param)
+        elif param.ndim < 2 or name.endswith(("cls_token", "pos_embed")):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if muon_lr is not None:
+        groups.insert(0, {"params": muon, "weight_decay": weight_decay, "lr": muon_lr, "muon": True})
+    return [group for group in groups if group["params"]]
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "muon":
+        return MuonAdamW(parameter_groups(model, config.weight_decay, config.muon_lr), lr=config.lr,
+                         betas=(0.9, config.beta2))
     groups = parameter_groups(model, config.weight_decay)
     # The fused kernel updates every parameter in one call: at 40k parameters in ~40 tensors the per-tensor
     # loop of the default implementation is a tenth of a training step on a CPU.
@@ -231,9 +243,12 @@ def train(model_config: ViTConfig | None, train_config: TrainConfig | None, out:
         seconds = time.perf_counter() - start
         bar.close()
         lr = optimizer.param_groups[0]["lr"]  # where the schedule stands at the end of the epoch
-        # Evaluated in fp32 whatever the training precision, so metrics.jsonl and `vitscope eval` agree.
+        # The last epoch is evaluated in fp32 whatever the training precision, so the final row of metrics.jsonl
+        # and `vitscope eval` agree; the epochs before it in the training precision (bf16 halves the cost of
+        # an evaluation on a CPU with native bf16, and the curve moves by ~0.01%).
+        final = epoch + 1 == epochs
         result = evaluate(model, test_images, test_labels, model_config.pixel_mean, model_config.pixel_std,
-                          train_config.eval_batch_size, device, "fp32")
+                          train_config.eval_batch_size, device, "fp32" if final else precision)
         seen = steps_per_epoch * batch_size
         row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / steps_per_epoch, "train_acc": correct.item() / seen,
                "test_loss": result["test_loss"], "test_acc": result["test_acc"], "lr": lr,

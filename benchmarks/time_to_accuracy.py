@@ -1,0 +1,73 @@
+"""Time-to-accuracy: the wall-clock of whole `vitscope train --preset fast` processes, and their accuracy.
+
+    python benchmarks/time_to_accuracy.py --seeds 0 1 2 3 4
+    python benchmarks/time_to_accuracy.py --preset seed --seeds 0 --json
+
+Each seed is one `vitscope train` process, timed from its start to its exit (Python start-up, imports, data
+from the local cache, any compilation, training, the per-epoch evaluations, writing the run directory).
+MNIST must already be cached (`vitscope data` once), so no download is timed. Runs go one after another,
+never side by side: two training processes on a 2-core machine slow each other down many times over.
+With --cold, each process gets an empty TorchInductor cache (only matters where the preset compiles).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def run_one(preset: str, seed: int, out: Path, cold: bool, extra: list[str]) -> dict:
+    env = dict(os.environ)
+    if cold:
+        env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-cold-")
+    command = [sys.executable, "-m", "vitscope", "train", "--preset", preset, "--seed", str(seed),
+               "--out", str(out), "--no-progress", *extra]
+    start = time.perf_counter()
+    p = subprocess.run(command, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if p.returncode:
+        raise SystemExit(f"seed {seed} failed:\n{p.stderr[-2000:]}")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    config = json.loads((out / "config.json").read_text())
+    return {"preset": preset, "seed": seed, "cold_cache": cold, "wall_s": round(wall, 1),
+            "train_s": round(sum(r["seconds"] for r in rows), 1), "epochs": len(rows),
+            "test_acc": rows[-1]["test_acc"], "precision": config["precision"], "cpu": config["hardware"]["cpu"],
+            "torch": config["versions"]["torch"], "run": str(out)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="fast")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--out", default="runs/time-to-accuracy", help="parent folder of the run directories")
+    ap.add_argument("--cold", action="store_true", help="an empty compile cache for every process")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("extra", nargs="*", help="more `vitscope train` flags, after --")
+    args = ap.parse_args()
+    parent = Path(args.out) / f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    results = []
+    for seed in args.seeds:
+        result = run_one(args.preset, seed, parent / f"seed{seed}", args.cold, args.extra)
+        results.append(result)
+        print(json.dumps(result) if args.json else
+              f"seed {seed}: {result['test_acc']:.2%} test, {result['wall_s']:.1f} s wall-clock "
+              f"({result['train_s']:.1f} s in the training loop)", flush=True)
+    accs = [r["test_acc"] for r in results]
+    walls = [r["wall_s"] for r in results]
+    summary = {"preset": args.preset, "seeds": len(results), "mean_test_acc": round(statistics.mean(accs), 5),
+               "min_test_acc": min(accs), "max_test_acc": max(accs), "median_wall_s": statistics.median(walls),
+               "cold_cache": args.cold, "cpu": results[0]["cpu"], "precision": results[0]["precision"]}
+    print(json.dumps(summary) if args.json else
+          f"{args.preset}: mean test accuracy {summary['mean_test_acc']:.2%} over {len(results)} seeds "
+          f"(min {summary['min_test_acc']:.2%}, max {summary['max_test_acc']:.2%}); median wall-clock "
+          f"{summary['median_wall_s']:.1f} s on {summary['cpu']} ({summary['precision']})")
+
+
+if __name__ == "__main__":
+    main()
