@@ -162,3 +162,26 @@ def test_fast_preset_is_the_default_and_trains_with_muon(idx_dir, tmp_path):
     assert config["preset"] == "fast" and config["train"]["optimizer"] == "muon"
     assert config["model"]["pos_embed_std"] == 1.0
     assert config["precision"] in ("fp32", "bf16")
+
+
+def test_a_failing_torch_compile_warns_and_trains_on_uncompiled(monkeypatch):
+    from vitscope.train import make_optimizer, make_scheduler, make_train_step
+
+    def broken_compile(model):
+        def call(x):
+            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    torch.manual_seed(0)
+    model = ViT(TINY)
+    recipe = TrainConfig(compile=True, lr=1e-3)
+    optimizer = make_optimizer(model, recipe)
+    step = make_train_step(model, optimizer, make_scheduler(optimizer, recipe, 10), recipe, TINY,
+                           torch.device("cpu"), "fp32")
+    images, labels = torch.randint(0, 256, (8, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (8,))
+    before = model.head.weight.detach().clone()
+    with pytest.warns(UserWarning, match="torch.compile failed.*InvalidCxxCompiler"):
+        loss, _ = step(images, labels)
+    assert torch.isfinite(loss) and not torch.equal(before, model.head.weight)
+    step(images, labels)  # and on, without trying again

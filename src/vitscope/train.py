@@ -6,6 +6,7 @@ import dataclasses
 import math
 import sys
 import time
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -89,12 +90,29 @@ def make_train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sc
     (compiled when `config.compile`), loss, backward, clip, step. Returns the detached loss and the number
     of correct predictions, as tensors, so the loop never waits on the device. benchmarks/throughput.py
     times this very function."""
-    step_model = torch.compile(model) if config.compile else model
+    compiled = {"model": torch.compile(model) if config.compile else None, "proven": False}
     mean, std = model_config.pixel_mean, model_config.pixel_std
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if compiled["model"] is None:
+            return model(x)
+        if compiled["proven"]:
+            return compiled["model"](x)
+        try:  # the first call compiles
+            out = compiled["model"](x)
+        except Exception as e:  # no C++ compiler, an unsupported platform: train on uncompiled (a real error
+            # in the model raises again from the uncompiled call)
+            first_line = (str(e).strip().splitlines() or [""])[0][:200]
+            warnings.warn(f"torch.compile failed ({type(e).__name__}: {first_line}); training continues "
+                          "without it (set compile = false to skip the attempt)", stacklevel=2)
+            compiled["model"] = None
+            return model(x)
+        compiled["proven"] = True
+        return out
 
     def train_step(images: torch.Tensor, labels: torch.Tensor):
         with autocast(device, precision):
-            logits = step_model(normalize(images, mean, std))
+            logits = forward(normalize(images, mean, std))
         loss = loss_of(logits.float(), labels, config)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
