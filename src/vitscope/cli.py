@@ -128,7 +128,7 @@ def build_parser() -> ArgumentParser:
     p = commands.add_parser("train", help="train a ViT and write a run directory",
                             description="Train a ViT on MNIST (or any IDX dataset) and write a run directory.")
     p.add_argument("--preset", help=f"recipe to start from: {', '.join(PRESETS)} (default {DEFAULT_PRESET}); "
-                   + "; ".join(f"{name}: {preset.description}" for name, preset in PRESETS.items()))
+                   + "; ".join(f"{name}: {preset.description}" for name, preset in PRESETS.items()).replace("%", "%%"))
     p.add_argument("--epochs", type=int, help="number of epochs (default: the preset's)")
     p.add_argument("--batch-size", type=int, help="training batch size (default: the preset's)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")

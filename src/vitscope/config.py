@@ -28,11 +28,11 @@ class ViTConfig:
     # "fused" = F.scaled_dot_product_attention, "explicit" = softmax(QK^T / sqrt(d)) V as three ops,
     # "auto" = fused on GPUs, explicit on CPUs, where it measured as fast or faster (benchmarks/RESULTS.md).
     attention: str = "auto"
-    # How pixels in [0, 1] are normalised before the model sees them (part of the model's contract,
-    # recorded so predict, serve and export feed it the same way).
     # Standard deviation of the position embeddings at initialisation. timm and the paper use 0.02; at 16
     # tokens a larger one lets the class token tell patches apart from the first step (fast preset: 1.0).
     pos_embed_std: float = 0.02
+    # How pixels in [0, 1] are normalised before the model sees them (part of the model's contract,
+    # recorded so predict, serve and export feed it the same way).
     pixel_mean: float = 0.1307
     pixel_std: float = 0.3081
 
@@ -115,12 +115,13 @@ PRESETS = {
         Preset(
             "fast",
             "the time-to-99% recipe for a CPU: P7, D64, depth 4, 4 heads, MLP 256, position embeddings "
-            "initialised at std 1, Muon + AdamW, batch 256, 6 epochs, short warmup + cosine, label smoothing, "
-            "1-px shifts, bf16 autocast where the CPU has native bf16",
+            "initialised at std 1, Muon + AdamW, batch 256, 5 epochs, short warmup + cosine, label smoothing, "
+            "1-px shifts, rotations up to 12 degrees, scaling by up to 15%, bf16 autocast where the CPU has "
+            "native bf16",
             ViTConfig(patch_size=7, dim=64, depth=4, heads=4, mlp_dim=256, pos_embed_std=1.0),
-            TrainConfig(epochs=6, batch_size=256, optimizer="muon", lr=3e-3, muon_lr=8e-3, weight_decay=0.05,
+            TrainConfig(epochs=5, batch_size=256, optimizer="muon", lr=3e-3, muon_lr=8e-3, weight_decay=0.05,
                         schedule="cosine", warmup_epochs=0.1, label_smoothing=0.1, augment_shift=1,
-                        precision="auto"),
+                        augment_rotate=12.0, augment_scale=0.15, precision="auto"),
         ),
         Preset(
             "blog",

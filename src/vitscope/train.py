@@ -43,8 +43,8 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float, muon_lr: float
         else:
             decay.append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if muon_lr is not None:
-        groups.insert(0, {"params": muon, "weight_decay": weight_decay, "lr": muon_lr, "muon": True})
+    if muon_lr is not None:  # last, so param_groups[0]["lr"] (logged per epoch) stays the AdamW rate
+        groups.append({"params": muon, "weight_decay": weight_decay, "lr": muon_lr, "muon": True})
     return [group for group in groups if group["params"]]
 
 
