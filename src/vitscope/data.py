@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import math
 import io
+import math
 import os
 import pickle
 import struct

@@ -27,6 +27,10 @@ def logits_of(model: torch.nn.Module, images: torch.Tensor, mean: float, std: fl
 def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: float, std: float,
              batch_size: int = 1000, device: torch.device | str = "cpu", precision: str = "fp32") -> dict:
     """{"test_acc", "test_loss", "n"}: accuracy, mean cross-entropy of the logits, number of images."""
-    logits = logits_of(model, images, mean, std, batch_size, device, precision)
+    return scores(logits_of(model, images, mean, std, batch_size, device, precision), labels)
+
+
+def scores(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """{"test_acc", "test_loss", "n"} from logits already computed."""
     return {"test_acc": (logits.argmax(1) == labels).float().mean().item(),
             "test_loss": F.cross_entropy(logits, labels).item(), "n": len(labels)}

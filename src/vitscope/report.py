@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from . import __version__
 from .analysis import (CLASS_TOKEN_TREATMENT, attention_rollout, class_token_attention, confusion_matrix,
@@ -16,6 +15,7 @@ from .analysis import (CLASS_TOKEN_TREATMENT, attention_rollout, class_token_att
                        position_similarity, rollout_map, similarity_by_relation)
 from .config import ViTConfig
 from .data import normalize
+from .evaluate import scores
 from .figures import (plot_attention_distance, plot_attention_rollout, plot_confusion_matrix,
                       plot_embedding_filters, plot_misclassified, plot_position_similarity)
 from .model import BlogViT
@@ -118,8 +118,7 @@ def analyze_run(run_path: str | Path, out: str | Path | None = None, device: tor
     logits, distances, class_share = attention_statistics(model, images, config, device=device)
     probabilities = logits.softmax(dim=1)
     confidences, predictions = probabilities.max(dim=1)
-    test = {"test_acc": (predictions == labels).float().mean().item(),
-            "test_loss": F.cross_entropy(logits, labels).item(), "n": len(labels)}
+    test = scores(logits, labels)
     matrix = confusion_matrix(labels, predictions, config.num_classes)
 
     uniform = patch_distances(grid, config.patch_size).mean().item()  # what uniform attention would give

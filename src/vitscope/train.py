@@ -90,25 +90,24 @@ def make_train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sc
     (compiled when `config.compile`), loss, backward, clip, step. Returns the detached loss and the number
     of correct predictions, as tensors, so the loop never waits on the device. benchmarks/throughput.py
     times this very function."""
-    compiled = {"model": torch.compile(model) if config.compile else None, "proven": False}
+    step_model = torch.compile(model) if config.compile else model
+    untried = config.compile  # torch.compile compiles on the first call, and fails there if it cannot
     mean, std = model_config.pixel_mean, model_config.pixel_std
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if compiled["model"] is None:
-            return model(x)
-        if compiled["proven"]:
-            return compiled["model"](x)
-        try:  # the first call compiles
-            out = compiled["model"](x)
+        nonlocal step_model, untried
+        if not untried:
+            return step_model(x)
+        untried = False
+        try:
+            return step_model(x)
         except Exception as e:  # no C++ compiler, an unsupported platform: train on uncompiled (a real error
             # in the model raises again from the uncompiled call)
             first_line = (str(e).strip().splitlines() or [""])[0][:200]
             warnings.warn(f"torch.compile failed ({type(e).__name__}: {first_line}); training continues "
                           "without it (set compile = false to skip the attempt)", stacklevel=2)
-            compiled["model"] = None
+            step_model = model
             return model(x)
-        compiled["proven"] = True
-        return out
 
     def train_step(images: torch.Tensor, labels: torch.Tensor):
         with autocast(device, precision):
