@@ -179,6 +179,30 @@ def test_random_rotate_scale_is_the_identity_when_off():
     assert torch.equal(data.random_rotate_scale(images, 0, 0, torch.Generator()), images)
 
 
+def test_random_stroke_widens_and_thins_a_bar_within_its_limits():
+    images = torch.zeros(256, 28, 28, dtype=torch.uint8)
+    images[:, 6:22, 12:15] = 255  # a vertical bar 3 px wide
+    changed = data.random_stroke(images, 2.0, torch.Generator().manual_seed(0))
+    width = changed[:, 14].float().sum(1) / 255  # ink across the bar's middle row, in pixels
+    assert width.min() >= 1 - 1e-6 and width.max() <= 7 + 1e-6  # 3 px thinned by <= 1 a side, grown by <= 2
+    assert width.min() < 1.5 and width.max() > 6.5  # the whole range is drawn
+    # Draws below -1 stop there: a quarter of the bars are thinned by exactly 1 px a side.
+    assert 0.15 < ((width - 1).abs() < 1e-6).float().mean() < 0.35
+    assert torch.equal(changed[:, :4], images[:, :4])  # growth reaches no further than 2 px
+    one = torch.zeros(1, 28, 28, dtype=torch.uint8)
+    one[0, 10, 10] = 255
+    grown = data.random_stroke(one.expand(512, 28, 28).clone(), 1.0, torch.Generator().manual_seed(1))
+    biggest = grown[grown.float().sum((1, 2)).argmax()]
+    assert (biggest[9:12, 9:12] > 0).sum() <= 5  # a plus-shaped neighbourhood, not a square
+
+
+def test_random_stroke_is_the_identity_when_off_and_repeats_with_the_seed():
+    images = torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8)
+    assert torch.equal(data.random_stroke(images, 0, torch.Generator()), images)
+    first = data.random_stroke(images, 1.5, torch.Generator().manual_seed(3))
+    assert torch.equal(first, data.random_stroke(images, 1.5, torch.Generator().manual_seed(3)))
+
+
 def test_normalize_maps_uint8_to_the_model_scale():
     x = data.normalize(torch.tensor([[[0, 255]]], dtype=torch.uint8), mean=0.5, std=0.5)
     assert x.shape == (1, 1, 1, 2)

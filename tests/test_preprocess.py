@@ -89,6 +89,15 @@ def test_marker_and_fine_pen_become_mnist_width():
     assert 1.8 < pen(3) < 3.3 and 1.8 < pen(30) < 3.3  # MNIST's middle 80%, by the same measure
 
 
+def test_a_digit_smaller_than_the_box_keeps_its_strokes():
+    # 12 px type: the ink is scaled up to 20 px, and what a width measured then shows is the upscale's blur.
+    small = Image.new("L", (40, 40), 255)
+    ImageDraw.Draw(small).line([(14, 14), (24, 14), (18, 26)], fill=0, width=1)
+    assert np.array_equal(mnist_style(small), mnist_style(small, normalize_stroke=False))
+    large = small.resize((400, 400), Image.Resampling.LANCZOS)  # the same drawing, now a hairline on 120 px
+    assert not np.array_equal(mnist_style(large), mnist_style(large, normalize_stroke=False))
+
+
 def test_an_image_without_ink_is_rejected():
     for image in (Image.new("L", (50, 50), 255), Image.new("RGB", (50, 50), (200, 30, 30)),
                   Image.new("RGBA", (50, 50), (0, 0, 0, 0))):

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .config import TrainConfig, ViTConfig
-from .data import Dataset, load_dataset, normalize, random_rotate_scale, random_shift
+from .data import Dataset, load_dataset, normalize, random_rotate_scale, random_shift, random_stroke
 from .device import autocast, describe_hardware, select_device, select_precision
 from .errors import VitscopeError
 from .evaluate import evaluate
@@ -247,6 +247,7 @@ def train(model_config: ViTConfig | None, train_config: TrainConfig | None, out:
             images = random_rotate_scale(train_images[index], train_config.augment_rotate,
                                          train_config.augment_scale, generator)
             images = random_shift(images, train_config.augment_shift, generator)
+            images = random_stroke(images, train_config.augment_stroke, generator)
             loss, hits = train_step(images, train_labels[index])
             loss_sum += loss
             correct += hits
