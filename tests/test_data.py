@@ -203,6 +203,24 @@ def test_random_stroke_is_the_identity_when_off_and_repeats_with_the_seed():
     assert torch.equal(first, data.random_stroke(images, 1.5, torch.Generator().manual_seed(3)))
 
 
+def test_random_close_fills_small_holes_and_keeps_strokes():
+    ring = torch.zeros(1, 28, 28, dtype=torch.uint8)
+    ring[0, 8:20, 8:20] = 255
+    ring[0, 12:16, 12:16] = 0  # a 4 px hole inside 4 px walls, as a thick pen's 0
+    closed = data.random_close(ring.expand(300, 28, 28).clone(), 2, torch.Generator().manual_seed(0))
+    hole = closed[:, 12:16, 12:16].float().mean((1, 2)) / 255
+    assert torch.equal(closed[:, :, :8], ring[:, :, :8].expand(300, 28, 8))  # nothing grows outside
+    assert torch.equal(closed[:, 8:20, 8:12], ring[:, 8:20, 8:12].expand(300, 12, 4))  # walls kept
+    # Radius 0 leaves the 4 px hole, radius 1 only rounds its corners (a plus-shaped disk), radius 2 fills it.
+    for filled in (0, 4 / 16, 1):
+        assert ((hole == filled).float().mean() - 1 / 3).abs() < 0.1
+
+
+def test_random_close_is_the_identity_when_off():
+    images = torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8)
+    assert torch.equal(data.random_close(images, 0, torch.Generator()), images)
+
+
 def test_normalize_maps_uint8_to_the_model_scale():
     x = data.normalize(torch.tensor([[[0, 255]]], dtype=torch.uint8), mean=0.5, std=0.5)
     assert x.shape == (1, 1, 1, 2)

@@ -1,5 +1,7 @@
 """`vitscope.predict` and `vitscope predict`: the bundled model, per-file errors, JSON, exit codes."""
 import json
+import tomllib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,7 +36,11 @@ def test_the_bundled_model_is_a_finished_fast_run():
     config = json.loads((BUNDLED_RUN / "config.json").read_text())
     assert config["preset"] == "fast"
     assert (BUNDLED_RUN / "model.safetensors").stat().st_size < 3 * 2**20
-    assert (BUNDLED_RUN / "metrics.jsonl").read_text().strip()
+    epochs = (BUNDLED_RUN / "metrics.jsonl").read_text().strip().splitlines()
+    assert len(epochs) == config["train"]["epochs"]
+    # trained with the recipe file its README names
+    recipe = tomllib.loads((Path(__file__).parents[1] / "configs" / "bundled.toml").read_text())
+    assert {key: config["train"][key] for key in recipe} == recipe
 
 
 def test_bundled_model_reads_drawn_digits(bundled):

@@ -67,7 +67,8 @@ class TrainConfig:
     augment_shift: int = 0  # random translation by up to this many pixels, done in batches
     augment_rotate: float = 0.0  # random rotation by up to this many degrees (0 = off)
     augment_scale: float = 0.0  # random scaling by a factor in [1 - this, 1 + this] (0 = off)
-    augment_stroke: float = 0.0  # random thickening/thinning of strokes by up to this many px (<= 1, 0 = off)
+    augment_stroke: float = 0.0  # strokes thinned (by <= 1 px) or thickened by up to this many px (0 = off)
+    augment_close: int = 0  # random closing (dilate, then erode) by up to this many px: fills small holes
     grad_clip: float = 0.0  # 0 = off
     fused_optimizer: bool = True  # one fused Adam(W) kernel for all parameters (CPU and CUDA)
     seed: int = 0

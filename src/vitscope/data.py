@@ -368,6 +368,23 @@ def random_stroke(images: torch.Tensor, max_change: float, generator: torch.Gene
     return (lower + fraction * (upper - lower)).round().to(torch.uint8)
 
 
+def random_close(images: torch.Tensor, max_radius: int, generator: torch.Generator) -> torch.Tensor:
+    """Close each image of a batch (B, H, W) uint8 by its own random radius in {0, ..., max_radius}: dilate,
+    then erode as many times, so stroke widths stay but holes and gaps narrower than twice the radius fill
+    in, as a thick pen's 6, 8, 9 and 0 come out."""
+    if max_radius <= 0:
+        return images
+    radius = torch.randint(0, max_radius + 1, (images.shape[0],), generator=generator).to(images.device)
+    closed, grown = [images], images
+    for r in range(1, max_radius + 1):
+        grown = _grow(grown)
+        shrunk = grown
+        for _ in range(r):
+            shrunk = 255 - _grow(255 - shrunk)
+        closed.append(shrunk)
+    return torch.stack(closed)[radius, torch.arange(images.shape[0], device=images.device)]
+
+
 def _grow(images: torch.Tensor) -> torch.Tensor:
     """Grey-level dilation of (B, H, W) uint8 over each pixel and its 4 neighbours (a radius-1 disk)."""
     p = torch.nn.functional.pad(images, (1, 1, 1, 1))

@@ -17,7 +17,8 @@ from tqdm import tqdm
 
 from . import __version__
 from .config import TrainConfig, ViTConfig
-from .data import Dataset, load_dataset, normalize, random_rotate_scale, random_shift, random_stroke
+from .data import (Dataset, load_dataset, normalize, random_close, random_rotate_scale, random_shift,
+                   random_stroke)
 from .device import autocast, describe_hardware, select_device, select_precision
 from .errors import VitscopeError
 from .evaluate import evaluate
@@ -248,6 +249,7 @@ def train(model_config: ViTConfig | None, train_config: TrainConfig | None, out:
                                          train_config.augment_scale, generator)
             images = random_shift(images, train_config.augment_shift, generator)
             images = random_stroke(images, train_config.augment_stroke, generator)
+            images = random_close(images, train_config.augment_close, generator)
             loss, hits = train_step(images, train_labels[index])
             loss_sum += loss
             correct += hits
