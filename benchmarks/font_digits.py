@@ -4,6 +4,8 @@ preprocessing.
 
     python benchmarks/font_digits.py fonts                                   # the fonts it finds
     python benchmarks/font_digits.py make --out /tmp/font-digits            # the image set + labels.csv
+    python benchmarks/font_digits.py make --out /tmp/font-digits --families benchmarks/font-families.txt
+    python benchmarks/font_digits.py make --out /tmp/heldout --families benchmarks/heldout-families.txt
     python benchmarks/font_digits.py evaluate /tmp/font-digits --model src/vitscope/bundled --model runs/seed
 
 Fonts are every *.ttf / *.otf under /usr/share/fonts (and --font-dir) that has a Regular and a Bold
@@ -15,7 +17,8 @@ like the Noto script families that share Noto Sans's, count once). On Debian:
         fonts-linuxlibertine fonts-open-sans fonts-roboto-unhinted fonts-lato fonts-cantarell fonts-firacode
         fonts-hack fonts-go fonts-comic-neue
 
-(36 families on Debian 12. TeX Gyre and Latin Modern install under /usr/share/texmf: add them with
+(36 families on Debian 12. benchmarks/heldout-families.txt names 28 more and their packages: a set of
+fonts no recipe was compared on, made with --families. TeX Gyre and Latin Modern install under /usr/share/texmf: add them with
 --font-dir /usr/share/texmf/fonts/opentype.)
 
 Each condition changes one thing from `clean` (black on white, 64 px type, centred, upright, PNG);
@@ -153,8 +156,14 @@ def _contrasting_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarr
             return paper, ink
 
 
-def make(out: Path, extra_dirs: list[Path], mixed_per_font: int, seed: int) -> None:
+def make(out: Path, extra_dirs: list[Path], mixed_per_font: int, seed: int, families: Path | None = None) -> None:
     fonts = digit_fonts(extra_dirs)
+    if families is not None:  # one family name per line, '#' starts a comment
+        wanted = {line.split("#")[0].strip() for line in families.read_text().splitlines()} - {""}
+        missing = wanted - {family for family, _, _ in fonts}
+        if missing:
+            sys.exit(f"not found among the fonts: {', '.join(sorted(missing))} (see {families})")
+        fonts = [font for font in fonts if font[0] in wanted]
     if not fonts:
         sys.exit("no fonts with digits found under /usr/share/fonts: install some (see this script's docstring)")
     rng = np.random.default_rng(seed)
@@ -205,7 +214,7 @@ def evaluate(folder: Path, models: list[Path]) -> None:
     import torch
 
     from vitscope.prediction import classify, load_model, model_input_size
-    from vitscope.preprocess import mnist_style, read_image
+    from vitscope.preprocess import ImageRejected, mnist_style, read_image
 
     torch.set_num_threads(1)
     with open(folder / "labels.csv") as f:
@@ -213,7 +222,7 @@ def evaluate(folder: Path, models: list[Path]) -> None:
     labels = np.array([int(r["label"]) for r in rows])
     conditions = list(dict.fromkeys(r["condition"] for r in rows))
     images = [read_image(folder / r["file"]) for r in rows]
-    columns = {}
+    columns, rejected = {}, {}
     for model_path in models:
         model = load_model(model_path)
         size = model_input_size(model)
@@ -221,9 +230,16 @@ def evaluate(folder: Path, models: list[Path]) -> None:
                  "MNIST-style, strokes as drawn": lambda im: mnist_style(im, size, normalize_stroke=False),
                  "plain resize": lambda im: plain_resize(im, size)}
         for mode, transform in modes.items():
-            inputs = np.stack([transform(im) for im in images])
+            inputs, read = np.zeros((len(images), size, size), np.uint8), np.ones(len(images), bool)
+            for i, image in enumerate(images):
+                try:
+                    inputs[i] = transform(image)
+                except ImageRejected:  # e.g. a tiny thin digit in pale ink after JPEG: counted as wrong
+                    read[i] = False
             probs = torch.cat([classify(model, inputs[i:i + 2000]) for i in range(0, len(inputs), 2000)])
-            columns[(str(model_path), mode)] = probs.argmax(1).numpy() == labels
+            columns[(str(model_path), mode)] = (probs.argmax(1).numpy() == labels) & read
+            if not read.all():
+                rejected[(str(model_path), mode)] = int((~read).sum())
     print("| condition | images | " + " | ".join(f"`{m}`, {mode}" for m, mode in columns) + " |")
     print("|---|---:|" + "---:|" * len(columns))
     for condition in conditions + ["all"]:
@@ -231,6 +247,9 @@ def evaluate(folder: Path, models: list[Path]) -> None:
         cells = [f"{correct[pick].mean():.1%}" for correct in columns.values()]
         name = f"**{condition}**" if condition == "all" else condition
         print(f"| {name} | {pick.sum()} | " + " | ".join(cells) + " |")
+    if rejected:
+        print("\nImages the preprocessing found no ink in, counted as wrong: " + ", ".join(
+            f"`{model_path}`, {mode}: {count}" for (model_path, mode), count in rejected.items()))
     families = sorted({r["family"] for r in rows})
     print(f"\n{len(families)} font families, regular and bold: {', '.join(families)}")
     for model_path in models:
@@ -251,6 +270,7 @@ def main() -> None:
     p.add_argument("--font-dir", type=Path, action="append", default=[], help="more fonts to search")
     p.add_argument("--mixed-per-font", type=int, default=2, help="random-condition images per glyph (default 2)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--families", type=Path, help="render only the families named in this file, one per line")
     p = commands.add_parser("evaluate", help="accuracy per condition, with and without preprocessing (markdown)")
     p.add_argument("folder", type=Path)
     p.add_argument("--model", type=Path, action="append", required=True, help="run directory (repeatable)")
@@ -259,7 +279,7 @@ def main() -> None:
         for family, regular, bold in digit_fonts(args.font_dir):
             print(f"{family}\t{regular}\t{bold}")
     elif args.command == "make":
-        make(args.out, args.font_dir, args.mixed_per_font, args.seed)
+        make(args.out, args.font_dir, args.mixed_per_font, args.seed, args.families)
     else:
         evaluate(args.folder, args.model)
 
