@@ -17,9 +17,9 @@ like the Noto script families that share Noto Sans's, count once). On Debian:
         fonts-linuxlibertine fonts-open-sans fonts-roboto-unhinted fonts-lato fonts-cantarell fonts-firacode
         fonts-hack fonts-go fonts-comic-neue
 
-(36 families on Debian 12. benchmarks/heldout-families.txt names 28 more and their packages: a set of
-fonts no recipe was compared on, made with --families. TeX Gyre and Latin Modern install under /usr/share/texmf: add them with
---font-dir /usr/share/texmf/fonts/opentype.)
+(36 families on Debian 12, listed in benchmarks/font-families.txt; benchmarks/heldout-families.txt names 28
+more and their packages, a set of fonts no recipe was compared on. Make either set with --families. TeX Gyre
+and Latin Modern install under /usr/share/texmf: add them with --font-dir /usr/share/texmf/fonts/opentype.)
 
 Each condition changes one thing from `clean` (black on white, 64 px type, centred, upright, PNG);
 `mixed` draws all of them at random per image. Three columns per model: "MNIST-style" is vitscope's

@@ -370,8 +370,8 @@ def random_stroke(images: torch.Tensor, max_change: float, generator: torch.Gene
 
 def random_close(images: torch.Tensor, max_radius: int, generator: torch.Generator) -> torch.Tensor:
     """Close each image of a batch (B, H, W) uint8 by its own random radius in {0, ..., max_radius}: dilate,
-    then erode as many times, so stroke widths stay but holes and gaps narrower than twice the radius fill
-    in, as a thick pen's 6, 8, 9 and 0 come out."""
+    then erode as many times, so stroke widths stay but holes and gaps up to twice the radius wide fill in,
+    as a thick pen's 6, 8, 9 and 0 come out."""
     if max_radius <= 0:
         return images
     radius = torch.randint(0, max_radius + 1, (images.shape[0],), generator=generator).to(images.device)
