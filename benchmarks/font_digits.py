@@ -222,24 +222,30 @@ def evaluate(folder: Path, models: list[Path]) -> None:
     labels = np.array([int(r["label"]) for r in rows])
     conditions = list(dict.fromkeys(r["condition"] for r in rows))
     images = [read_image(folder / r["file"]) for r in rows]
-    columns, rejected = {}, {}
-    for model_path in models:
-        model = load_model(model_path)
-        size = model_input_size(model)
-        modes = {"MNIST-style": lambda im: mnist_style(im, size),
-                 "MNIST-style, strokes as drawn": lambda im: mnist_style(im, size, normalize_stroke=False),
-                 "plain resize": lambda im: plain_resize(im, size)}
-        for mode, transform in modes.items():
+    modes = {"MNIST-style": lambda im, size: mnist_style(im, size),
+             "MNIST-style, strokes as drawn": lambda im, size: mnist_style(im, size, normalize_stroke=False),
+             "plain resize": plain_resize}
+    prepared = {}  # (mode, input size) -> (inputs, read): the same for every model of that size
+
+    def prepare(mode: str, size: int) -> tuple[np.ndarray, np.ndarray]:
+        if (mode, size) not in prepared:
             inputs, read = np.zeros((len(images), size, size), np.uint8), np.ones(len(images), bool)
             for i, image in enumerate(images):
                 try:
-                    inputs[i] = transform(image)
+                    inputs[i] = modes[mode](image, size)
                 except ImageRejected:  # e.g. a tiny thin digit in pale ink after JPEG: counted as wrong
                     read[i] = False
+            prepared[(mode, size)] = inputs, read
+        return prepared[(mode, size)]
+
+    columns = {}
+    for model_path in models:
+        model = load_model(model_path)
+        size = model_input_size(model)
+        for mode in modes:
+            inputs, read = prepare(mode, size)
             probs = torch.cat([classify(model, inputs[i:i + 2000]) for i in range(0, len(inputs), 2000)])
             columns[(str(model_path), mode)] = (probs.argmax(1).numpy() == labels) & read
-            if not read.all():
-                rejected[(str(model_path), mode)] = int((~read).sum())
     print("| condition | images | " + " | ".join(f"`{m}`, {mode}" for m, mode in columns) + " |")
     print("|---|---:|" + "---:|" * len(columns))
     for condition in conditions + ["all"]:
@@ -247,9 +253,10 @@ def evaluate(folder: Path, models: list[Path]) -> None:
         cells = [f"{correct[pick].mean():.1%}" for correct in columns.values()]
         name = f"**{condition}**" if condition == "all" else condition
         print(f"| {name} | {pick.sum()} | " + " | ".join(cells) + " |")
-    if rejected:
-        print("\nImages the preprocessing found no ink in, counted as wrong: " + ", ".join(
-            f"`{model_path}`, {mode}: {count}" for (model_path, mode), count in rejected.items()))
+    unread = {f"{mode} ({size} px)": int((~read).sum()) for (mode, size), (_, read) in prepared.items() if not read.all()}
+    if unread:
+        print("\nImages the preprocessing found no ink in, counted as wrong for every model: "
+              + ", ".join(f"{mode}: {count}" for mode, count in unread.items()))
     families = sorted({r["family"] for r in rows})
     print(f"\n{len(families)} font families, regular and bold: {', '.join(families)}")
     for model_path in models:

@@ -357,7 +357,7 @@ def random_stroke(images: torch.Tensor, max_change: float, generator: torch.Gene
         return images
     amount = (torch.rand(images.shape[0], generator=generator).to(images.device) * 2 - 1) * max_change
     amount = amount.clamp(min=-1.0)
-    levels = [255 - _grow(255 - images), images]  # levels[k + 1]: the strokes grown by k pixels
+    levels = [_shrink(images), images]  # levels[k + 1]: the strokes grown by k pixels
     for _ in range(math.ceil(max_change)):
         levels.append(_grow(levels[-1]))
     levels = torch.stack(levels)  # (K, B, H, W)
@@ -380,7 +380,7 @@ def random_close(images: torch.Tensor, max_radius: int, generator: torch.Generat
         grown = _grow(grown)
         shrunk = grown
         for _ in range(r):
-            shrunk = 255 - _grow(255 - shrunk)
+            shrunk = _shrink(shrunk)
         closed.append(shrunk)
     return torch.stack(closed)[radius, torch.arange(images.shape[0], device=images.device)]
 
@@ -392,3 +392,8 @@ def _grow(images: torch.Tensor) -> torch.Tensor:
     vertical = torch.maximum(p[:, :-2, 1:-1], p[:, 2:, 1:-1])
     horizontal = torch.maximum(p[:, 1:-1, :-2], p[:, 1:-1, 2:])
     return torch.maximum(centre, torch.maximum(vertical, horizontal))
+
+
+def _shrink(images: torch.Tensor) -> torch.Tensor:
+    """Grey-level erosion, the dual of `_grow` (outside the image counts as ink, so edges do not erode)."""
+    return 255 - _grow(255 - images)
