@@ -64,6 +64,26 @@ def test_fused_and_explicit_attention_give_the_same_logits():
     torch.testing.assert_close(fused, explicit(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("attention", ["explicit", "fused"])
+def test_last_block_for_the_class_token_alone_gives_the_same_logits_and_gradients(attention):
+    torch.manual_seed(0)
+    config = ViTConfig(**{**SEED_SIZE.__dict__, "attention": attention})
+    short = ViT(config)  # last_block_class_token_only is the default
+    full = ViT(ViTConfig(**{**config.__dict__, "last_block_class_token_only": False}))
+    full.load_state_dict(short.state_dict())
+    x = torch.randn(6, 1, 28, 28)
+    labels = torch.randint(0, 10, (6,))
+    logits_short, logits_full = short(x), full(x)
+    torch.testing.assert_close(logits_short, logits_full, atol=1e-5, rtol=1e-5)
+    F.cross_entropy(logits_short, labels).backward()
+    F.cross_entropy(logits_full, labels).backward()
+    for (name, a), b in zip(short.named_parameters(), full.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-4, msg=name)
+    # Asked for the attention maps, every layer's are whole: (B, heads, T, T), the last one included.
+    _, attentions = short(x, return_attention=True)
+    assert [a.shape for a in attentions] == [(6, 4, 17, 17)] * 3
+
+
 def test_explicit_attention_equals_a_per_head_computation_from_the_weights():
     torch.manual_seed(1)
     model = ViT(SEED_SIZE).eval()

@@ -45,18 +45,25 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False):
+    def forward(self, x: torch.Tensor, return_attention: bool = False, class_token_only: bool = False):
+        """Attention of all tokens over all tokens, or with `class_token_only` of the first token (the class
+        token) alone over all tokens: its output is then (B, 1, D)."""
         B, T, D = x.shape
-        qkv = self.qkv(x).reshape(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, H, T, head_dim)
+        H, d = self.heads, self.head_dim
+        if class_token_only:  # keys and values of every token, a query for the first one only
+            w, b = self.qkv.weight, self.qkv.bias
+            q = F.linear(x[:, :1], w[:D], None if b is None else b[:D]).reshape(B, 1, H, d).transpose(1, 2)
+            k, v = F.linear(x, w[D:], None if b is None else b[D:]).reshape(B, T, 2, H, d).permute(2, 0, 3, 1, 4)
+        else:
+            q, k, v = self.qkv(x).reshape(B, T, 3, H, d).permute(2, 0, 3, 1, 4)  # each (B, H, T, d)
         fused = self.implementation == "fused" or (self.implementation == "auto" and x.device.type != "cpu")
         if fused and not return_attention:
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
             attention = None
         else:
-            attention = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, T, T)
+            attention = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, T or 1, T)
             out = attention @ v
-        out = self.proj(out.transpose(1, 2).reshape(B, T, D))
+        out = self.proj(out.transpose(1, 2).reshape(B, q.shape[2], D))
         return out, attention
 
 
@@ -84,8 +91,12 @@ class Block(nn.Module):
         self.mlp = MLP(dim, mlp_dim, activation, dropout)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False):
-        attended, attention = self.attn(self.norm1(x), return_attention)
+    def forward(self, x: torch.Tensor, return_attention: bool = False, class_token_only: bool = False):
+        """(B, T, D) -> (B, T, D), or (B, 1, D) with `class_token_only`: the class token's output alone, which
+        needs the keys and values of every token but the rest of the block for one token only."""
+        attended, attention = self.attn(self.norm1(x), return_attention, class_token_only)
+        if class_token_only:
+            x = x[:, :1]
         x = x + self.drop(attended)
         x = x + self.mlp(self.norm2(x))
         return x, attention
@@ -138,10 +149,13 @@ class ViT(nn.Module):
     def forward(self, x: torch.Tensor, return_attention: bool = False):
         x = self.tokens(x)
         attentions = []
-        for block in self.blocks:
-            x, attention = block(x, return_attention)
+        # The head reads the class token only, so the last block need not compute the other tokens' outputs:
+        # the same logits for ~1/depth less work (unless the attention maps, all of them, are asked for).
+        last = len(self.blocks) - 1 if self.config.last_block_class_token_only and not return_attention else -1
+        for i, block in enumerate(self.blocks):
+            x, attention = block(x, return_attention, class_token_only=i == last)
             attentions.append(attention)
-        logits = self.head(self.norm(x)[:, 0])  # the head reads the class token only
+        logits = self.head(self.norm(x[:, 0]))
         return (logits, attentions) if return_attention else logits
 
 
