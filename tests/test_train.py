@@ -133,6 +133,8 @@ def test_config_file_sets_fields_and_flags_override_it(tmp_path):
     ({"lr": "fast"}, "must be float"),
     ({"optimizer": "sgd"}, "optimizer must be one of"),
     ({"dim": 30, "heads": 4}, "not divisible"),
+    ({"compile": "yes"}, "compile must be one of auto, on, off"),
+    ({"compile": 1}, "must be str | bool"),
 ])
 def test_bad_config_values_are_user_errors(overrides, message):
     with pytest.raises(VitscopeError, match=message):
@@ -164,6 +166,30 @@ def test_fast_preset_is_the_default_and_trains_with_muon(idx_dir, tmp_path):
     assert config["precision"] in ("fp32", "bf16")
 
 
+def test_compile_auto_compiles_long_runs_on_cpu_and_cuda_only():
+    from vitscope.config import COMPILE_MIN_STEPS
+    from vitscope.train import settle_compile
+    auto, cpu = TrainConfig(), torch.device("cpu")
+    assert auto.compile == "auto"
+    assert settle_compile(auto, cpu, COMPILE_MIN_STEPS) == "on"
+    assert settle_compile(auto, cpu, COMPILE_MIN_STEPS - 1) == "off"  # a short run: compiling would not pay
+    assert settle_compile(auto, torch.device("cuda"), 10**5) == "on"
+    assert settle_compile(auto, torch.device("mps"), 10**5) == "off"
+    assert settle_compile(TrainConfig(compile="on"), cpu, 1) == "on"
+    assert settle_compile(TrainConfig(compile="off"), cpu, 10**5) == "off"
+    # true / false, as config files and runs from before "auto" have them, mean on / off
+    assert TrainConfig(compile=True).compile == "on" and TrainConfig(compile=False).compile == "off"
+    assert resolve_config("fast", {"compile": True})[1].compile == "on"
+    assert resolve_config("fast", {"compile": "off"})[1].compile == "off"
+
+
+def test_a_short_run_says_it_trains_eager_and_records_it(idx_dir, tmp_path):
+    lines = []
+    run = train(TINY, tiny_recipe(idx_dir, epochs=1), tmp_path / "run", progress=False, log=lines.append)
+    assert any(line.startswith("model:") and line.endswith(", eager") for line in lines), lines
+    assert json.loads(run.config_file.read_text())["compiled"] is False
+
+
 def test_a_failing_torch_compile_warns_and_trains_on_uncompiled(monkeypatch):
     from vitscope.train import make_optimizer, make_scheduler, make_train_step
 
@@ -175,7 +201,7 @@ def test_a_failing_torch_compile_warns_and_trains_on_uncompiled(monkeypatch):
     monkeypatch.setattr(torch, "compile", broken_compile)
     torch.manual_seed(0)
     model = ViT(TINY)
-    recipe = TrainConfig(compile=True, lr=1e-3)
+    recipe = TrainConfig(compile="on", lr=1e-3)
     optimizer = make_optimizer(model, recipe)
     step = make_train_step(model, optimizer, make_scheduler(optimizer, recipe, 10), recipe, TINY,
                            torch.device("cpu"), "fp32")

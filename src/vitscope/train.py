@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import __version__
-from .config import TrainConfig, ViTConfig
+from .config import COMPILE_MIN_STEPS, TrainConfig, ViTConfig
 from .data import (Dataset, load_dataset, normalize, random_close, random_rotate_scale, random_shift,
                    random_stroke)
 from .device import autocast, describe_hardware, select_device, select_precision
@@ -88,11 +88,12 @@ def loss_of(logits: torch.Tensor, labels: torch.Tensor, config: TrainConfig) -> 
 def make_train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, config: TrainConfig,
                     model_config: ViTConfig, device: torch.device, precision: str):
     """One optimisation step on a batch of uint8 images (B, H, W) and labels (B,): normalise, forward
-    (compiled when `config.compile`), loss, backward, clip, step. Returns the detached loss and the number
-    of correct predictions, as tensors, so the loop never waits on the device. benchmarks/throughput.py
-    times this very function."""
-    step_model = torch.compile(model) if config.compile else model
-    untried = config.compile  # torch.compile compiles on the first call, and fails there if it cannot
+    (compiled when `config.compile` is "on"; `train` settles "auto" first), loss, backward, clip, step.
+    Returns the detached loss and the number of correct predictions, as tensors, so the loop never waits on
+    the device. benchmarks/throughput.py times this very function."""
+    compiled = config.compile == "on"
+    step_model = torch.compile(model) if compiled else model
+    untried = compiled  # torch.compile compiles on the first call, and fails there if it cannot
     mean, std = model_config.pixel_mean, model_config.pixel_std
 
     def forward(x: torch.Tensor) -> torch.Tensor:
@@ -125,6 +126,14 @@ def make_train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sc
     return train_step
 
 
+def settle_compile(config: TrainConfig, device: torch.device, steps: int) -> str:
+    """"on" or "off": compile = "auto" compiles where it pays, runs of COMPILE_MIN_STEPS steps or more on a
+    CPU or CUDA device (torch.compile's MPS backend is still experimental)."""
+    if config.compile != "auto":
+        return config.compile
+    return "on" if steps >= COMPILE_MIN_STEPS and device.type in ("cpu", "cuda") else "off"
+
+
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """Shuffling and augmentation of an epoch depend only on (seed, epoch): a resumed run sees the very
     batches an uninterrupted one would."""
@@ -132,14 +141,14 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 def run_record(preset: str, model_config: ViTConfig, train_config: TrainConfig, dataset: Dataset,
-               device: torch.device, precision: str, model: torch.nn.Module) -> dict:
+               device: torch.device, precision: str, model: torch.nn.Module, compiled: bool = False) -> dict:
     import safetensors
     hardware = describe_hardware(device)
     return {
         "vitscope_version": __version__, "preset": preset,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seed": train_config.seed, "model": config_to_dict(model_config), "train": config_to_dict(train_config),
-        "dataset": dataset.describe(), "precision": precision, "hardware": hardware,
+        "dataset": dataset.describe(), "precision": precision, "compiled": compiled, "hardware": hardware,
         "versions": {"vitscope": __version__, "torch": torch.__version__, "numpy": np.__version__,
                      "safetensors": safetensors.__version__, "python": hardware["python"]},
         "parameters": count_parameters(model), "flops_per_image": flops_per_image(model_config),
@@ -209,6 +218,8 @@ def train(model_config: ViTConfig | None, train_config: TrainConfig | None, out:
     scheduler = make_scheduler(optimizer, train_config, steps_per_epoch)
     history: list[dict] = []
     start_epoch = 0
+    steps_left = steps_per_epoch * (train_config.epochs - (checkpoint["epoch"] if checkpoint else 0))
+    compile_setting = settle_compile(train_config, device, steps_left)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -219,16 +230,19 @@ def train(model_config: ViTConfig | None, train_config: TrainConfig | None, out:
         start_epoch, history = checkpoint["epoch"], checkpoint["history"]
         log(f"resuming {run.path} after epoch {start_epoch} of {train_config.epochs}")
     else:
-        run.write_config(run_record(preset, model_config, train_config, dataset, device, precision, model))
+        run.write_config(run_record(preset, model_config, train_config, dataset, device, precision, model,
+                                    compiled=compile_setting == "on"))
     run.write_metrics(history)
     log(f"model: {model_config.architecture} ViT, {count_parameters(model):,} parameters, "
         f"{model_config.num_patches} patches of {model_config.patch_size}x{model_config.patch_size}; "
-        f"device {device}, {precision}, {torch.get_num_threads()} threads")
+        f"device {device}, {precision}, {torch.get_num_threads()} threads, "
+        f"{'compiled' if compile_setting == 'on' else 'eager'}")
 
     train_images = dataset.train_images.to(device)
     train_labels = dataset.train_labels.to(device)
     test_images, test_labels = dataset.test_images.to(device), dataset.test_labels
-    train_step = make_train_step(model, optimizer, scheduler, train_config, model_config, device, precision)
+    step_config = dataclasses.replace(train_config, compile=compile_setting)  # "auto" settled
+    train_step = make_train_step(model, optimizer, scheduler, step_config, model_config, device, precision)
 
     tensorboard = TensorBoard(run.path / "tensorboard" if train_config.tensorboard else None)
     epochs = train_config.epochs
