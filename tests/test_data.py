@@ -174,6 +174,23 @@ def test_random_rotate_scale_of_a_centred_disc_keeps_it_and_a_bar_turns():
     assert ink.min() < 0.85 and ink.max() > 1.15 and ink.max() < 1.8  # areas scale by up to 1.3^2
 
 
+@pytest.mark.parametrize("height,width", [(28, 28), (32, 20)])
+def test_affine_grid_is_torchs(height, width):
+    theta = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(0))
+    expected = torch.nn.functional.affine_grid(theta, (5, 1, height, width), align_corners=False)
+    torch.testing.assert_close(data._affine_grid(theta, height, width), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_random_shift_equals_a_per_image_crop_of_the_padded_image():
+    images = torch.randint(0, 256, (6, 28, 28), dtype=torch.uint8)
+    shifted = data.random_shift(images, 2, torch.Generator().manual_seed(3))
+    offsets = torch.randint(0, 5, (2, 6), generator=torch.Generator().manual_seed(3))  # the same draws
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    for i in range(6):
+        r, c = offsets[:, i].tolist()
+        assert torch.equal(shifted[i], padded[i, r:r + 28, c:c + 28])
+
+
 def test_random_rotate_scale_is_the_identity_when_off():
     images = torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8)
     assert torch.equal(data.random_rotate_scale(images, 0, 0, torch.Generator()), images)

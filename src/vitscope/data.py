@@ -10,6 +10,7 @@ Whatever served is written to the cache as plain IDX files, so the cache is itse
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import io
@@ -319,11 +320,12 @@ def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generato
         return images
     B, H, W = images.shape
     padded = torch.nn.functional.pad(images, (max_shift,) * 4)
+    Hp, Wp = H + 2 * max_shift, W + 2 * max_shift
     offsets = torch.randint(0, 2 * max_shift + 1, (2, B), generator=generator).to(images.device)
-    rows = offsets[0, :, None] + torch.arange(H, device=images.device)  # (B, H)
-    cols = offsets[1, :, None] + torch.arange(W, device=images.device)  # (B, W)
-    batch = torch.arange(B, device=images.device)[:, None, None]
-    return padded[batch, rows[:, :, None], cols[:, None, :]]
+    # Flat indices into the padded batch (one index tensor gathers ~2x faster than three broadcast ones).
+    corner = torch.arange(B, device=images.device) * (Hp * Wp) + offsets[0] * Wp + offsets[1]  # (B,)
+    within = (torch.arange(H, device=images.device)[:, None] * Wp + torch.arange(W, device=images.device)).flatten()
+    return padded.flatten()[corner[:, None] + within].view(B, H, W)
 
 
 def random_rotate_scale(images: torch.Tensor, max_degrees: float, max_scale: float,
@@ -341,10 +343,28 @@ def random_rotate_scale(images: torch.Tensor, max_degrees: float, max_scale: flo
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     zeros = torch.zeros_like(cos)
     theta = torch.stack([torch.stack([cos, -sin, zeros], 1), torch.stack([sin, cos, zeros], 1)], 1)  # (B, 2, 3)
-    grid = torch.nn.functional.affine_grid(theta, (B, 1, H, W), align_corners=False)
+    grid = _affine_grid(theta, H, W)
     moved = torch.nn.functional.grid_sample(images.unsqueeze(1).float(), grid, mode="bilinear",
                                             padding_mode="zeros", align_corners=False)
     return moved.squeeze(1).round().clamp(0, 255).to(torch.uint8)
+
+
+def _affine_grid(theta: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """F.affine_grid(theta, (B, 1, H, W), align_corners=False), the same grid to float rounding, as one
+    (B, 6) x (6, H*W*2) matmul that writes the (B, H, W, 2) layout directly: ~10x faster on a CPU for a batch
+    of 28x28 images (affine_grid multiplies a per-image copy of its base grid)."""
+    return (theta.reshape(-1, 6) @ _affine_basis(H, W, theta.device)).view(-1, H, W, 2)
+
+
+@functools.lru_cache(maxsize=8)
+def _affine_basis(H: int, W: int, device: torch.device) -> torch.Tensor:
+    """(6, H*W*2): row 3j + k holds pixel centre coordinate k of (x, y, 1) in output column 2p + j."""
+    ys, xs = torch.meshgrid((torch.arange(H) * 2 + 1) / H - 1, (torch.arange(W) * 2 + 1) / W - 1, indexing="ij")
+    base = torch.stack([xs.flatten(), ys.flatten(), torch.ones(H * W)])  # (3, H*W)
+    basis = torch.zeros(2, 3, H * W, 2)
+    basis[0, :, :, 0] = base  # x' = theta[0] . (x, y, 1)
+    basis[1, :, :, 1] = base  # y' = theta[1] . (x, y, 1)
+    return basis.reshape(6, H * W * 2).to(device)
 
 
 def random_stroke(images: torch.Tensor, max_change: float, generator: torch.Generator) -> torch.Tensor:
