@@ -7,7 +7,8 @@ Every implementation builds the same ViT (patch size, width, depth, heads, MLP w
 in-memory images at the same batch size, and runs AdamW steps. Each is tried at each of its settings
 (fp32 or bf16 autocast where the CPU has native bf16; fused attention on or off where the implementation
 has the switch; eager or torch.compile'd when --compile) and its best setting is its row. Images/s is the
-median over --windows timed windows after a warm-up. The vitscope row times `vitscope.train.make_train_step`,
+median over --windows timed windows after a warm-up; the windows go round all settings in turn, so the
+machine's drift in speed reaches every row alike. The vitscope row times `vitscope.train.make_train_step`,
 the very step `vitscope train` runs (uint8 images in, normalised inside the step).
 
 Peers need torchvision (timm, vit-pytorch): run this in the environment benchmarks/setup_env.sh makes.
@@ -101,8 +102,9 @@ def vitscope_step(model, size: dict, dtype: str, compiled: bool, device: torch.d
     return make_train_step(model, optimizer, scheduler, config, ViTConfig(**size), device, dtype)
 
 
-def measure(impl: str, size_name: str, batch: int, dtype: str, fused: bool, compiled: bool,
-            windows: int, steps: int, warmup: int, device: torch.device) -> dict:
+def prepare(impl: str, size_name: str, batch: int, dtype: str, fused: bool, compiled: bool, warmup: int,
+            device: torch.device) -> dict:
+    """One setting of one implementation, built and warmed up (compiled where asked): its step and inputs."""
     size = SIZES[size_name]
     torch.manual_seed(0)
     model = BUILDERS[impl](size, fused).train().to(device)
@@ -113,22 +115,27 @@ def measure(impl: str, size_name: str, batch: int, dtype: str, fused: bool, comp
     else:
         step = peer_step(model, torch.optim.AdamW(model.parameters(), lr=1e-3), dtype, compiled, device)
         images = torch.randn(batch, 1, 28, 28, device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     start = time.perf_counter()
     for _ in range(warmup):
         step(images, labels)
-    sync()
-    warmup_seconds = time.perf_counter() - start
-    rates = []
-    for _ in range(windows):
-        start = time.perf_counter()
-        for _ in range(steps):
-            step(images, labels)
-        sync()
-        rates.append(steps * batch / (time.perf_counter() - start))
-    return {"impl": impl, "size": size_name, "batch": batch, "dtype": dtype, "fused_attention": fused,
-            "compiled": compiled, "img_per_s": round(statistics.median(rates), 1),
-            "windows": [round(r, 1) for r in rates], "warmup_seconds": round(warmup_seconds, 1)}
+    synchronize(device)
+    return {"row": {"impl": impl, "size": size_name, "batch": batch, "dtype": dtype, "fused_attention": fused,
+                    "compiled": compiled, "warmup_seconds": round(time.perf_counter() - start, 1)},
+            "step": step, "inputs": (images, labels), "rates": []}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_window(setting: dict, steps: int, device: torch.device) -> None:
+    images, labels = setting["inputs"]
+    start = time.perf_counter()
+    for _ in range(steps):
+        setting["step"](images, labels)
+    synchronize(device)
+    setting["rates"].append(steps * len(labels) / (time.perf_counter() - start))
 
 
 def main():
@@ -161,21 +168,23 @@ def main():
         context["gpu"] = torch.cuda.get_device_name()
     if not args.json:
         print(f"# {context}; training FLOPs per image {train_flops / 1e6:.2f} M", file=sys.stderr)
+    settings = [prepare(impl, args.size, args.batch, dtype, fused, compiled, 3 if compiled else 2, device)
+                for impl in args.impl.split(",") for dtype in dtypes
+                for fused in ([True, False] if HAS_FUSED_SWITCH[impl] else [True]) for compiled in compiles]
+    # Windows go round the settings in turn, so a shared machine's drift in speed reaches all of them alike.
+    for _ in range(args.windows):
+        for setting in settings:
+            time_window(setting, steps, device)
+    rows = []
+    for setting in settings:
+        row = dict(setting["row"], img_per_s=round(statistics.median(setting["rates"]), 1),
+                   windows=[round(r, 1) for r in setting["rates"]])
+        row.update(context, gflops=round(row["img_per_s"] * train_flops / 1e9, 1))
+        rows.append(row)
     for impl in args.impl.split(","):
-        rows = []
-        for dtype in dtypes:
-            for fused in ([True, False] if HAS_FUSED_SWITCH[impl] else [True]):
-                for compiled in compiles:
-                    row = measure(impl, args.size, args.batch, dtype, fused, compiled, args.windows, steps,
-                                  warmup=3 if compiled else 2, device=device)
-                    row.update(context, gflops=round(row["img_per_s"] * train_flops / 1e9, 1))
-                    rows.append(row)
-                    if args.all:
-                        print(json.dumps(row) if args.json else row, flush=True)
-        if not args.all:
-            best = max(rows, key=lambda r: r["img_per_s"])
-            print(json.dumps(best) if args.json else best, flush=True)
-
+        mine = [row for row in rows if row["impl"] == impl]
+        for row in mine if args.all else [max(mine, key=lambda r: r["img_per_s"])]:
+            print(json.dumps(row) if args.json else row, flush=True)
 
 if __name__ == "__main__":
     main()
