@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from vitscope import BlogViT, ViT, ViTConfig
-from vitscope.model import flops_per_image
+from vitscope.model import executed_flops_per_image, flops_per_image
 
 SEED_SIZE = ViTConfig(image_size=28, patch_size=7, in_channels=1, num_classes=10, dim=32, depth=3, heads=4,
                       mlp_dim=128, dropout=0.0)
@@ -178,3 +178,15 @@ def test_other_patch_and_image_sizes(patch_size, image_size):
 def test_flops_per_image_of_the_seed_size_matches_the_measured_figure():
     # MEASURED.md: seed size 4.25 MFLOP per training image = 3x forward.
     assert abs(3 * flops_per_image(SEED_SIZE) / 1e6 - 4.25) < 0.1
+
+
+def test_executed_flops_count_the_multiplies_the_class_token_only_last_block_does():
+    # Count the matmul multiply-adds of one forward pass with a FLOP counter, and compare.
+    from torch.utils.flop_counter import FlopCounterMode
+    for short in (True, False):
+        config = ViTConfig(**{**SEED_SIZE.__dict__, "last_block_class_token_only": short, "attention": "explicit"})
+        with FlopCounterMode(display=False) as counter:
+            ViT(config)(torch.randn(1, 1, 28, 28))
+        expected = executed_flops_per_image(config) if short else flops_per_image(config)
+        assert counter.get_total_flops() == expected
+    assert executed_flops_per_image(SEED_SIZE) < 0.8 * flops_per_image(SEED_SIZE)

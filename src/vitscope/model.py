@@ -216,4 +216,14 @@ def flops_per_image(config: ViTConfig) -> int:
     return 2 * (embed + config.depth * per_block + D * config.num_classes)
 
 
-__all__ = ["ViT", "BlogViT", "build_model", "count_parameters", "flops_per_image"]
+def executed_flops_per_image(config: ViTConfig) -> int:
+    """flops_per_image less what a last block that computes the class token alone skips (its other tokens'
+    queries, attention rows, projections and MLPs): what the forward pass actually multiplies."""
+    if config.architecture != "vit" or not config.last_block_class_token_only or config.depth == 0:
+        return flops_per_image(config)
+    T, D, M = config.num_patches + 1, config.dim, config.mlp_dim
+    skipped_per_token = D * D + 2 * T * D + D * D + 2 * D * M  # query, scores and mix, projection, MLP
+    return flops_per_image(config) - 2 * (T - 1) * skipped_per_token
+
+
+__all__ = ["ViT", "BlogViT", "build_model", "count_parameters", "executed_flops_per_image", "flops_per_image"]

@@ -22,7 +22,7 @@ from .data import (Dataset, load_dataset, normalize, random_close, random_rotate
 from .device import autocast, describe_hardware, select_device, select_precision
 from .errors import VitscopeError
 from .evaluate import evaluate
-from .model import build_model, count_parameters, flops_per_image
+from .model import build_model, count_parameters, executed_flops_per_image, flops_per_image
 from .optim import MuonAdamW
 from .plots import plot_training_curves
 from .rundir import RunDir, config_to_dict
@@ -152,6 +152,7 @@ def run_record(preset: str, model_config: ViTConfig, train_config: TrainConfig, 
         "versions": {"vitscope": __version__, "torch": torch.__version__, "numpy": np.__version__,
                      "safetensors": safetensors.__version__, "python": hardware["python"]},
         "parameters": count_parameters(model), "flops_per_image": flops_per_image(model_config),
+        "flops_per_image_executed": executed_flops_per_image(model_config),
     }
 
 
