@@ -1,0 +1,78 @@
+"""Milliseconds per training step of a preset, eager against compiled, with the last block computing every
+token or the class token alone: the four variants side by side in one process.
+
+    python benchmarks/step_time.py --preset fast
+    python benchmarks/step_time.py --preset seed --batch 256 --json
+
+Each variant is `vitscope.train.make_train_step` on the preset's model and recipe (optimizer included),
+fed one fixed batch of random uint8 images. After a warm-up (which compiles), timed windows of --steps
+steps go round the variants in turn, so the machine's drift in speed reaches all of them alike; the
+median window is reported. Precision is the preset's `--precision auto` choice unless --precision says.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="fast")
+    ap.add_argument("--batch", type=int, default=0, help="default: the preset's")
+    ap.add_argument("--precision", default="", help="fp32 or bf16 (default: what --precision auto picks)")
+    ap.add_argument("--windows", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from vitscope.config import PRESETS
+    from vitscope.device import cpu_name, select_precision
+    from vitscope.model import build_model
+    from vitscope.train import make_optimizer, make_scheduler, make_train_step
+
+    preset = PRESETS[args.preset]
+    device = torch.device("cpu")
+    precision = args.precision or select_precision(preset.train.precision, device)
+    batch = args.batch or preset.train.batch_size
+    images = torch.randint(0, 256, (batch, 28, 28), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (batch,))
+    steps = {}
+    for compiled in (False, True):
+        for class_token_only in (False, True):
+            model_config = dataclasses.replace(preset.model, last_block_class_token_only=class_token_only)
+            recipe = dataclasses.replace(preset.train, batch_size=batch, compile="on" if compiled else "off")
+            torch.manual_seed(0)
+            model = build_model(model_config)
+            optimizer = make_optimizer(model, recipe)
+            step = make_train_step(model, optimizer, make_scheduler(optimizer, recipe, 10**6), recipe,
+                                   model_config, device, precision)
+            for _ in range(3):
+                step(images, labels)
+            steps[("compiled" if compiled else "eager") + (", last block class token only" if class_token_only
+                                                           else ", whole last block")] = step
+    times = {name: [] for name in steps}
+    for _ in range(args.windows):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step(images, labels)
+            times[name].append((time.perf_counter() - start) / args.steps * 1e3)
+    baseline = statistics.median(next(iter(times.values())))
+    for name, values in times.items():
+        row = {"preset": args.preset, "variant": name, "batch": batch, "precision": precision,
+               "ms_per_step": round(statistics.median(values), 2),
+               "speedup": round(baseline / statistics.median(values), 2), "windows": [round(v, 2) for v in values],
+               "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+        print(json.dumps(row) if args.json else
+              f"{name:40s} {row['ms_per_step']:7.2f} ms/step  x{row['speedup']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
