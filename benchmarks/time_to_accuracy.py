@@ -61,7 +61,8 @@ def run_one(preset: str, seed: int, out: Path, cold: bool, extra: list[str]) -> 
     config = json.loads((out / "config.json").read_text())
     return {"preset": preset, "seed": seed, "cold_cache": cold, "wall_s": round(wall, 1),
             "train_s": round(sum(r["seconds"] for r in rows), 1), "epochs": len(rows),
-            "test_acc": rows[-1]["test_acc"], "precision": config["precision"], "cpu": config["hardware"]["cpu"],
+            "test_acc": rows[-1]["test_acc"], "precision": config["precision"],
+            "compiled": config.get("compiled", False), "cpu": config["hardware"]["cpu"],
             "torch": config["versions"]["torch"], "run": str(out)}
 
 
