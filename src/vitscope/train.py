@@ -218,9 +218,8 @@ def train(model_config: ViTConfig | None, train_config: TrainConfig | None, out:
     steps_per_epoch = n_train // batch_size  # the last partial batch is dropped: every step has one shape
     scheduler = make_scheduler(optimizer, train_config, steps_per_epoch)
     history: list[dict] = []
-    start_epoch = 0
-    steps_left = steps_per_epoch * (train_config.epochs - (checkpoint["epoch"] if checkpoint else 0))
-    compile_setting = settle_compile(train_config, device, steps_left)
+    start_epoch = checkpoint["epoch"] if checkpoint is not None else 0
+    compile_setting = settle_compile(train_config, device, steps_per_epoch * (train_config.epochs - start_epoch))
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -228,7 +227,7 @@ def train(model_config: ViTConfig | None, train_config: TrainConfig | None, out:
         torch.set_rng_state(checkpoint["rng_cpu"])
         if device.type == "cuda" and "rng_cuda" in checkpoint:
             torch.cuda.set_rng_state(checkpoint["rng_cuda"])
-        start_epoch, history = checkpoint["epoch"], checkpoint["history"]
+        history = checkpoint["history"]
         log(f"resuming {run.path} after epoch {start_epoch} of {train_config.epochs}")
     else:
         run.write_config(run_record(preset, model_config, train_config, dataset, device, precision, model,
