@@ -126,6 +126,15 @@ def test_patch_embedding_is_a_linear_map_of_each_flattened_patch():
     torch.testing.assert_close(model.patch_embed(x), expected, atol=1e-5, rtol=1e-5)
 
 
+
+def test_patch_embedding_equals_timms_strided_convolution_for_several_channels():
+    import dataclasses
+    model = ViT(dataclasses.replace(SEED_SIZE, in_channels=3)).eval()
+    x = torch.randn(2, 3, 28, 28)
+    proj = model.patch_embed.proj
+    expected = F.conv2d(x, proj.weight, proj.bias, stride=7).flatten(2).transpose(1, 2)  # (B, N, D)
+    torch.testing.assert_close(model.patch_embed(x), expected, atol=1e-5, rtol=1e-5)
+
 def blog_forward(model: BlogViT, images: torch.Tensor) -> torch.Tensor:
     """The seed blog's forward pass written out per head as in its code, from BlogViT's weights."""
     B = images.shape[0]
