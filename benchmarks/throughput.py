@@ -6,7 +6,8 @@
 Every implementation builds the same ViT (patch size, width, depth, heads, MLP width), gets random
 in-memory images at the same batch size, and runs AdamW steps. Each is tried at each of its settings
 (fp32 or bf16 autocast where the CPU has native bf16; fused attention on or off where the implementation
-has the switch; eager or torch.compile'd when --compile) and its best setting is its row. Images/s is the
+has the switch; eager or torch.compile'd when --compile, forward and loss as one graph for every
+implementation) and its best setting is its row. Images/s is the
 median over --windows timed windows after a warm-up; the windows go round all settings in turn, so the
 machine's drift in speed reaches every row alike. The vitscope row times `vitscope.train.make_train_step`,
 the very step `vitscope train` runs (uint8 images in, normalised inside the step).
@@ -79,12 +80,15 @@ HAS_FUSED_SWITCH = {"vitscope": True, "hf": True, "vit-pytorch": False, "timm": 
 
 
 def peer_step(model, optimizer, dtype: str, compiled: bool, device: torch.device):
-    forward = torch.compile(model) if compiled else model
+    def forward_and_loss(images, labels):  # compiled as one graph, as vitscope's own step compiles it
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            logits = model(images)
+        return F.cross_entropy(logits.float(), labels)
+
+    forward_and_loss = torch.compile(forward_and_loss) if compiled else forward_and_loss
 
     def step(images, labels):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            logits = forward(images)
-        loss = F.cross_entropy(logits.float(), labels)
+        loss = forward_and_loss(images, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

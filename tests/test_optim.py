@@ -34,14 +34,14 @@ def test_orthogonalize_is_the_same_batched_or_one_matrix_at_a_time_and_for_tall_
 
 
 def test_muon_groups_follow_a_reference_muon_step():
-    torch.manual_seed(2)
-    params = [torch.nn.Parameter(torch.randn(32, 128)) for _ in range(3)]
+    torch.manual_seed(2)  # wide and tall matrices: the tall one is orthogonalised beside the wide ones, transposed
+    params = [torch.nn.Parameter(torch.randn(*shape)) for shape in ((32, 128), (128, 32), (32, 128))]
     reference = [p.detach().clone() for p in params]
     buffers = [torch.zeros_like(p) for p in params]
     lr, wd, momentum = 0.01, 0.1, 0.95
     optimizer = MuonAdamW([{"params": params, "muon": True}], lr=lr, weight_decay=wd, momentum=momentum)
     for _ in range(3):
-        grads = [torch.randn(32, 128) for _ in params]
+        grads = [torch.randn_like(p) for p in params]
         for p, g in zip(params, grads):
             p.grad = g.clone()
         optimizer.step()
@@ -106,3 +106,28 @@ def test_muon_run_resumes_bitwise(idx_dir, tmp_path):
     resumed = train(None, None, tmp_path / "resumed", resume=True, progress=False, log=quiet)
     a, b = load_file(str(straight.weights_file)), load_file(str(resumed.weights_file))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_compiled_updates_match_eager_ones_as_the_learning_rate_changes():
+    torch.manual_seed(4)
+    shapes = [(24, 8), (8, 24), (8, 8), (8,), (3, 8)]
+    eager = [torch.nn.Parameter(torch.randn(*shape)) for shape in shapes]
+    compiled = [torch.nn.Parameter(p.detach().clone()) for p in eager]
+
+    def groups(params):
+        return [{"params": params[:3], "muon": True, "lr": 0.02}, {"params": params[3:], "weight_decay": 0.0}]
+
+    a = MuonAdamW(groups(eager), lr=0.01, weight_decay=0.1)
+    b = MuonAdamW(groups(compiled), lr=0.01, weight_decay=0.1, compile=True)
+    for step in range(4):
+        for optimizer in (a, b):  # a schedule's new rate each step must not recompile nor be ignored
+            for group in optimizer.param_groups:
+                group["lr"] = (0.02 if group["muon"] else 0.01) / (step + 1)
+        for p, q in zip(eager, compiled):
+            g = torch.randn_like(p)
+            p.grad, q.grad = g.clone(), g.clone()
+        a.step()
+        b.step()
+    for p, q in zip(eager, compiled):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(a.state[p]["step"], b.state[q]["step"]) for p, q in zip(eager[3:], compiled[3:]))

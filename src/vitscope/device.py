@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import platform
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -57,6 +58,28 @@ def select_precision(requested: str, device: torch.device) -> str:
 
 def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+class CompiledOrEager:
+    """`fn` through torch.compile, which compiles on the first call and fails there if it cannot (no C++
+    compiler, an unsupported platform): then a warning, and plain `fn` from then on (a real error in `fn`
+    raises again from the plain call)."""
+
+    def __init__(self, fn):
+        self.fn, self.call, self.untried = fn, torch.compile(fn), True
+
+    def __call__(self, *args, **kwargs):
+        if not self.untried:
+            return self.call(*args, **kwargs)
+        self.untried = False
+        try:
+            return self.call(*args, **kwargs)
+        except Exception as e:
+            first_line = (str(e).strip().splitlines() or [""])[0][:200]
+            warnings.warn(f"torch.compile failed ({type(e).__name__}: {first_line}); training continues "
+                          "without it (set compile = \"off\" to skip the attempt)", stacklevel=2)
+            self.call = self.fn
+            return self.fn(*args, **kwargs)
 
 
 def cpu_name() -> str:

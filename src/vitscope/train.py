@@ -6,7 +6,6 @@ import dataclasses
 import math
 import sys
 import time
-import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from . import __version__
 from .config import COMPILE_MIN_STEPS, TrainConfig, ViTConfig
 from .data import (Dataset, load_dataset, normalize, random_close, random_rotate_scale, random_shift,
                    random_stroke)
-from .device import autocast, describe_hardware, select_device, select_precision
+from .device import CompiledOrEager, autocast, describe_hardware, select_device, select_precision
 from .errors import VitscopeError
 from .evaluate import evaluate
 from .model import build_model, count_parameters, executed_flops_per_image, flops_per_image
@@ -50,9 +49,9 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float, muon_lr: float
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    if config.optimizer == "muon":
+    if config.optimizer == "muon":  # its update is compiled with the model's step (compile = "on")
         return MuonAdamW(parameter_groups(model, config.weight_decay, config.muon_lr), lr=config.lr,
-                         betas=(0.9, config.beta2))
+                         betas=(0.9, config.beta2), compile=config.compile == "on")
     groups = parameter_groups(model, config.weight_decay)
     # The fused kernel updates every parameter in one call: at 40k parameters in ~40 tensors the per-tensor
     # loop of the default implementation is a tenth of a training step on a CPU.
@@ -87,41 +86,29 @@ def loss_of(logits: torch.Tensor, labels: torch.Tensor, config: TrainConfig) -> 
 
 def make_train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, config: TrainConfig,
                     model_config: ViTConfig, device: torch.device, precision: str):
-    """One optimisation step on a batch of uint8 images (B, H, W) and labels (B,): normalise, forward
-    (compiled when `config.compile` is "on"; `train` settles "auto" first), loss, backward, clip, step.
+    """One optimisation step on a batch of uint8 images (B, H, W) and labels (B,): normalise, forward, loss
+    (one compiled graph when `config.compile` is "on"; `train` settles "auto" first, and `make_optimizer`
+    compiles Muon's update with it), backward, clip, step.
     Returns the detached loss and the number of correct predictions, as tensors, so the loop never waits on
     the device. benchmarks/throughput.py times this very function."""
-    compiled = config.compile == "on"
-    step_model = torch.compile(model) if compiled else model
-    untried = compiled  # torch.compile compiles on the first call, and fails there if it cannot
     mean, std = model_config.pixel_mean, model_config.pixel_std
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        nonlocal step_model, untried
-        if not untried:
-            return step_model(x)
-        untried = False
-        try:
-            return step_model(x)
-        except Exception as e:  # no C++ compiler, an unsupported platform: train on uncompiled (a real error
-            # in the model raises again from the uncompiled call)
-            first_line = (str(e).strip().splitlines() or [""])[0][:200]
-            warnings.warn(f"torch.compile failed ({type(e).__name__}: {first_line}); training continues "
-                          "without it (set compile = false to skip the attempt)", stacklevel=2)
-            step_model = model
-            return model(x)
+    def forward(images: torch.Tensor, labels: torch.Tensor):
+        with autocast(device, precision):
+            logits = model(normalize(images, mean, std))
+        return loss_of(logits.float(), labels, config), (logits.argmax(1) == labels).sum()
+
+    forward_and_loss = CompiledOrEager(forward) if config.compile == "on" else forward
 
     def train_step(images: torch.Tensor, labels: torch.Tensor):
-        with autocast(device, precision):
-            logits = forward(normalize(images, mean, std))
-        loss = loss_of(logits.float(), labels, config)
+        loss, hits = forward_and_loss(images, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         scheduler.step()
-        return loss.detach(), (logits.argmax(1) == labels).sum()
+        return loss.detach(), hits
 
     return train_step
 
@@ -210,16 +197,18 @@ def train(model_config: ViTConfig | None, train_config: TrainConfig | None, out:
         f"{len(dataset.test_labels)} test images of {dataset.image_size}x{dataset.image_size}, "
         f"{dataset.num_classes} classes")
 
-    torch.manual_seed(train_config.seed)
-    model = build_model(model_config).to(device)
-    optimizer = make_optimizer(model, train_config)
     n_train = len(dataset.train_labels)
     batch_size = min(train_config.batch_size, n_train)
     steps_per_epoch = n_train // batch_size  # the last partial batch is dropped: every step has one shape
-    scheduler = make_scheduler(optimizer, train_config, steps_per_epoch)
-    history: list[dict] = []
     start_epoch = checkpoint["epoch"] if checkpoint is not None else 0
     compile_setting = settle_compile(train_config, device, steps_per_epoch * (train_config.epochs - start_epoch))
+    step_config = dataclasses.replace(train_config, compile=compile_setting)  # "auto" settled
+
+    torch.manual_seed(train_config.seed)
+    model = build_model(model_config).to(device)
+    optimizer = make_optimizer(model, step_config)
+    scheduler = make_scheduler(optimizer, train_config, steps_per_epoch)
+    history: list[dict] = []
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -241,7 +230,6 @@ def train(model_config: ViTConfig | None, train_config: TrainConfig | None, out:
     train_images = dataset.train_images.to(device)
     train_labels = dataset.train_labels.to(device)
     test_images, test_labels = dataset.test_images.to(device), dataset.test_labels
-    step_config = dataclasses.replace(train_config, compile=compile_setting)  # "auto" settled
     train_step = make_train_step(model, optimizer, scheduler, step_config, model_config, device, precision)
 
     tensorboard = TensorBoard(run.path / "tensorboard" if train_config.tensorboard else None)
