@@ -11,8 +11,8 @@ The learning rate of the Muon groups is scaled by 0.2 * sqrt(max(rows, cols)), w
 RMS AdamW's have (Liu et al. 2025, "Muon is scalable for LLM training"), so one schedule serves both.
 
 The updates are functions of tensors only: the learning rate and the step count enter as 0-d tensors, so
-with `compile=True` torch.compile traces each group's update once and fuses its ~20 elementwise passes
-over ~40 small tensors, whatever the schedule does to the learning rate.
+with `compile=True` torch.compile traces Muon's update once and fuses its elementwise passes, whatever the
+schedule does to the learning rate.
 """
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def adamw_update(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs
 class MuonAdamW(torch.optim.Optimizer):
     """Param groups with `muon=True` (2-D matrices) get Muon with Nesterov momentum; the others AdamW.
     Weight decay is decoupled in both. Plain per-parameter state, so checkpoints and resume work as for
-    any torch optimizer. `compile=True` runs each group's update as a torch.compile'd function."""
+    any torch optimizer. `compile=True` runs the Muon groups' update as a torch.compile'd function."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  momentum: float = 0.95, ns_steps: int = 5, compile: bool = False):
@@ -94,9 +94,10 @@ class MuonAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             if group["muon"] and any(p.ndim != 2 for p in group["params"]):
                 raise ValueError("Muon groups must hold 2-D matrices only")
-        self.muon_update, self.adamw_update = muon_update, adamw_update
-        if compile:
-            self.muon_update, self.adamw_update = CompiledOrEager(muon_update), CompiledOrEager(adamw_update)
+        # Compiled, Muon's update (~40 small ops and 45 bmm) is ~1.5 ms faster per `fast` step, and loads from
+        # the compile cache in ~0.5 s per process. AdamW's foreach update stays eager: compiled it would save
+        # ~0.3 ms per step, but its two groups cost ~0.7 s of tracing in every new process.
+        self.muon_update = CompiledOrEager(muon_update) if compile else muon_update
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -115,7 +116,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 self.muon_update(params, grads, [s["momentum_buffer"] for s in states], lr, group["momentum"],
                                  group["weight_decay"], group["ns_steps"])
             else:
-                self.adamw_update(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                adamw_update(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                                   [s["step"] for s in states], lr, *group["betas"], group["eps"],
                                   group["weight_decay"])
         return loss
