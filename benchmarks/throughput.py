@@ -81,14 +81,13 @@ HAS_FUSED_SWITCH = {"vitscope": True, "hf": True, "vit-pytorch": False, "timm": 
 
 def peer_step(model, optimizer, dtype: str, compiled: bool, device: torch.device):
     def forward_and_loss(images, labels):  # compiled as one graph, as vitscope's own step compiles it
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            logits = model(images)
-        return F.cross_entropy(logits.float(), labels)
+        return F.cross_entropy(model(images).float(), labels)
 
     forward_and_loss = torch.compile(forward_and_loss) if compiled else forward_and_loss
 
     def step(images, labels):
-        loss = forward_and_loss(images, labels)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            loss = forward_and_loss(images, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -158,6 +157,9 @@ def main():
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    # Each implementation's settings share its step's code, and torch.compile caches graphs per code object:
+    # past its default of 8 recompilations it would fall back to eager for the rest, unnoticed.
+    torch._dynamo.config.recompile_limit = 64
     from vitscope.device import cpu_has_native_bf16, cpu_name
     from vitscope.model import flops_per_image
     from vitscope import ViTConfig
