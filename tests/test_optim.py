@@ -53,6 +53,12 @@ def test_muon_groups_follow_a_reference_muon_step():
         assert torch.allclose(p, r, atol=1e-5)
 
 
+def give_both_the_same_random_gradients(ours: list[torch.Tensor], theirs: list[torch.Tensor]) -> None:
+    for p, q in zip(ours, theirs):
+        g = torch.randn_like(p)
+        p.grad, q.grad = g.clone(), g.clone()
+
+
 def test_adamw_groups_match_torch_adamw():
     torch.manual_seed(3)
     ours = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
@@ -60,9 +66,7 @@ def test_adamw_groups_match_torch_adamw():
     a = MuonAdamW(ours, lr=0.01, betas=(0.9, 0.99), weight_decay=0.1)
     b = torch.optim.AdamW(theirs, lr=0.01, betas=(0.9, 0.99), weight_decay=0.1)
     for _ in range(5):
-        for p, q in zip(ours, theirs):
-            g = torch.randn_like(p)
-            p.grad, q.grad = g.clone(), g.clone()
+        give_both_the_same_random_gradients(ours, theirs)
         a.step()
         b.step()
     for p, q in zip(ours, theirs):
@@ -120,12 +124,10 @@ def test_compiled_updates_match_eager_ones_as_the_learning_rate_changes():
     a = MuonAdamW(groups(eager), lr=0.01, weight_decay=0.1)
     b = MuonAdamW(groups(compiled), lr=0.01, weight_decay=0.1, compile=True)
     for step in range(4):
-        for optimizer in (a, b):  # a schedule's new rate each step must not recompile nor be ignored
+        for optimizer in (a, b):  # a schedule's new rate each step must reach the compiled update
             for group in optimizer.param_groups:
                 group["lr"] = (0.02 if group["muon"] else 0.01) / (step + 1)
-        for p, q in zip(eager, compiled):
-            g = torch.randn_like(p)
-            p.grad, q.grad = g.clone(), g.clone()
+        give_both_the_same_random_gradients(eager, compiled)
         a.step()
         b.step()
     for p, q in zip(eager, compiled):

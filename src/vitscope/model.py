@@ -16,8 +16,8 @@ from .config import ViTConfig
 
 class PatchEmbed(nn.Module):
     """Cut the image into non-overlapping PxP patches and project each to `dim`. The weight is a strided
-    Conv2d's, as in timm, but applied as one matmul over the patches: the same numbers, and on a CPU a
-    third of the convolution's time in training (its backward computes a gradient for the input pixels)."""
+    Conv2d's, as in timm, but applied as one matmul over the flattened patches: the same numbers, and ~0.5
+    ms less per compiled `fast` step on a CPU (the convolution's backward also computes the pixels' gradient)."""
 
     def __init__(self, config: ViTConfig):
         super().__init__()

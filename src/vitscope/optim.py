@@ -117,8 +117,7 @@ class MuonAdamW(torch.optim.Optimizer):
                                  group["weight_decay"], group["ns_steps"])
             else:
                 adamw_update(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                                  [s["step"] for s in states], lr, *group["betas"], group["eps"],
-                                  group["weight_decay"])
+                             [s["step"] for s in states], lr, *group["betas"], group["eps"], group["weight_decay"])
         return loss
 
     def _state_of(self, p: torch.Tensor, muon: bool) -> dict:
