@@ -158,7 +158,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     # Each implementation's settings share its step's code, and torch.compile caches graphs per code object:
-    # past its default of 8 recompilations it would fall back to eager for the rest, unnoticed.
+    # past its default of 8 recompilations it would run the rest eager, with only a warning on stderr.
     torch._dynamo.config.recompile_limit = 64
     from vitscope.device import cpu_has_native_bf16, cpu_name
     from vitscope.model import flops_per_image
@@ -191,6 +191,7 @@ def main():
         mine = [row for row in rows if row["impl"] == impl]
         for row in mine if args.all else [max(mine, key=lambda r: r["img_per_s"])]:
             print(json.dumps(row) if args.json else row, flush=True)
+
 
 if __name__ == "__main__":
     main()
