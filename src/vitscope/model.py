@@ -59,12 +59,12 @@ class Attention(nn.Module):
         if class_token_only:  # keys and values of every token, a query for the first one only
             w, b = self.qkv.weight, self.qkv.bias
             q = F.linear(x[:, :1], w[:D], None if b is None else b[:D])  # (B, 1, D)
-            k, v = F.linear(x, w[D:], None if b is None else b[D:]).reshape(B, T, 2, D).unbind(2)  # (B, T, D)
+            kv = F.linear(x, w[D:], None if b is None else b[D:])  # (B, T, 2D)
             if not fused and d < 16:
-                out, attention = self._class_token_heads_as_rows(q, k, v)
+                out, attention = self._class_token_heads_as_rows(q, *kv.reshape(B, T, 2, D).unbind(2))
                 return self.proj(out), attention
             q = q.reshape(B, 1, H, d).transpose(1, 2)
-            k, v = (t.reshape(B, T, H, d).transpose(1, 2) for t in (k, v))
+            k, v = kv.reshape(B, T, 2, H, d).permute(2, 0, 3, 1, 4)
         else:
             q, k, v = self.qkv(x).reshape(B, T, 3, H, d).permute(2, 0, 3, 1, 4)  # each (B, H, T, d)
         if fused and not return_attention:
