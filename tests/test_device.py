@@ -1,6 +1,10 @@
+import json
+
+import pytest
 import torch
 
 from vitscope import device
+from vitscope.device import reuse_vec_isa_probe
 
 
 def test_auto_precision_is_bf16_only_where_the_cpu_has_native_bf16(monkeypatch):
@@ -30,3 +34,48 @@ def test_auto_device_is_cpu_without_accelerators(monkeypatch):
 def test_hardware_description_names_the_cpu():
     info = device.describe_hardware(torch.device("cpu"))
     assert info["cpu"] and info["torch"] == torch.__version__ and info["threads"] >= 1
+
+
+def _isa_probe_test_setup(monkeypatch, tmp_path):
+    """Inductor's ISA settings, with its cache in tmp_path; skips where the probe does not apply."""
+    import platform
+    import shutil
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the vector-ISA probe is x86's")
+    from torch._inductor import config, cpp_builder, cpu_vec_isa
+    if shutil.which(cpp_builder.get_cpp_compiler()) is None:
+        pytest.skip("no C++ compiler")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(config.cpp, "vec_isa_ok", None)
+    flags = cpu_vec_isa.x86_isa_checker()
+    claimed = sorted(str(isa) for isa in cpu_vec_isa.supported_vec_isa_list
+                     if all(flag in flags for flag in str(isa).split()))
+    return config, cpu_vec_isa, claimed
+
+
+def test_the_vector_isa_probe_runs_once_and_its_result_is_reused(monkeypatch, tmp_path):
+    config, cpu_vec_isa, claimed = _isa_probe_test_setup(monkeypatch, tmp_path)
+    reuse_vec_isa_probe()  # the first process: inductor's probe runs, and its result is recorded
+    [record] = tmp_path.glob("vitscope-vec-isa-*.json")
+    passed = json.loads(record.read_text())
+    assert passed == sorted(str(isa) for isa in cpu_vec_isa.valid_vec_isa_list())
+    assert config.cpp.vec_isa_ok is (True if passed == claimed else None)
+
+    def no_probe():
+        raise AssertionError("probed again")
+    monkeypatch.setattr(cpu_vec_isa, "valid_vec_isa_list", no_probe)
+    monkeypatch.setattr(config.cpp, "vec_isa_ok", None)  # a later process
+    record.write_text(json.dumps(claimed))
+    reuse_vec_isa_probe()
+    assert config.cpp.vec_isa_ok is (True if claimed else None)
+
+    monkeypatch.setattr(config.cpp, "vec_isa_ok", None)
+    record.write_text(json.dumps(claimed[1:]))  # one ISA failed the probe: inductor decides, as usual
+    reuse_vec_isa_probe()
+    assert config.cpp.vec_isa_ok is None
+
+    monkeypatch.setattr(config.cpp, "vec_isa_ok", False)  # the user's own setting stands
+    record.write_text(json.dumps(claimed))
+    reuse_vec_isa_probe()
+    assert config.cpp.vec_isa_ok is False

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from vitscope import BlogViT, ViT, ViTConfig
-from vitscope.model import executed_flops_per_image, flops_per_image
+from vitscope.model import HEADS_AS_ROWS_BELOW, executed_flops_per_image, flops_per_image
 
 SEED_SIZE = ViTConfig(image_size=28, patch_size=7, in_channels=1, num_classes=10, dim=32, depth=3, heads=4,
                       mlp_dim=128, dropout=0.0)
@@ -64,10 +64,12 @@ def test_fused_and_explicit_attention_give_the_same_logits():
     torch.testing.assert_close(fused, explicit(x), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("attention", ["explicit", "fused"])
-def test_last_block_for_the_class_token_alone_gives_the_same_logits_and_gradients(attention):
+@pytest.mark.parametrize("attention,dim", [("explicit", 32), ("explicit", 64), ("fused", 32)])
+def test_last_block_for_the_class_token_alone_gives_the_same_logits_and_gradients(attention, dim):
+    # Explicit at head size 8 takes the heads-as-rows form, at 16 the per-head one.
+    assert (dim // SEED_SIZE.heads < HEADS_AS_ROWS_BELOW) == (dim == 32)
     torch.manual_seed(0)
-    config = ViTConfig(**{**SEED_SIZE.__dict__, "attention": attention})
+    config = ViTConfig(**{**SEED_SIZE.__dict__, "attention": attention, "dim": dim})
     short = ViT(config)  # last_block_class_token_only is the default
     full = ViT(ViTConfig(**{**config.__dict__, "last_block_class_token_only": False}))
     full.load_state_dict(short.state_dict())
@@ -197,5 +199,7 @@ def test_executed_flops_count_the_multiplies_the_class_token_only_last_block_doe
         with FlopCounterMode(display=False) as counter:
             ViT(config)(torch.randn(1, 1, 28, 28))
         expected = executed_flops_per_image(config) if short else flops_per_image(config)
+        if short and config.dim // config.heads < HEADS_AS_ROWS_BELOW:  # the zeros of the heads-as-rows form
+            expected += 2 * 2 * (config.num_patches + 1) * config.dim * (config.heads - 1)
         assert counter.get_total_flops() == expected
     assert executed_flops_per_image(SEED_SIZE) < 0.8 * flops_per_image(SEED_SIZE)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -222,3 +223,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"vitscope {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def console_main() -> None:
+    """The `vitscope` command: `main`, then an immediate exit. Every file it wrote is closed by then, and
+    Python's own teardown of torch's modules would only cost time: ~1.1 s after a compiled training run,
+    ~0.4 s after any command that imports torch (measured on the Zen 4 host)."""
+    code = main()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (BrokenPipeError, ValueError):  # a closed pipe or stream: nothing left to write to
+        pass
+    os._exit(code or 0)

@@ -1,7 +1,11 @@
 """Which device and precision to run on, chosen from what the machine really has."""
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import platform
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -72,6 +76,7 @@ class CompiledOrEager:
         if not self.untried:
             return self.call(*args, **kwargs)
         self.untried = False
+        reuse_vec_isa_probe()
         try:
             return self.call(*args, **kwargs)
         except Exception as e:
@@ -80,6 +85,46 @@ class CompiledOrEager:
                           "without it (set compile = \"off\" to skip the attempt)", stacklevel=2)
             self.call = self.fn
             return self.fn(*args, **kwargs)
+
+
+def reuse_vec_isa_probe() -> None:
+    """Spare torch.compile its CPU vector-ISA probe in every process but the first.
+
+    Inductor checks each vector ISA the CPU's flags claim (AVX2, AVX-512, ...) by building a test library
+    and loading it in a new Python process: ~0.85 s of every compiled run on the Zen 4 host, even with a
+    warm compile cache. The first process runs the probe and records which ISAs passed, keyed by the torch
+    build, the Python, the C++ compiler and the CPU's flags; where every claimed ISA passed, this and every
+    later process with the same key tell inductor so (`config.cpp.vec_isa_ok`), and no later one probes.
+    Where an ISA failed, or anything here is not as expected (inductor internals move between torch
+    versions), inductor probes as usual. A user's own TORCHINDUCTOR_VEC_ISA_OK always wins."""
+    try:
+        from torch._inductor import config, cpp_builder, cpu_vec_isa
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        if config.cpp.vec_isa_ok is not None or platform.machine() not in ("x86_64", "AMD64"):
+            return
+        flags = cpu_vec_isa.x86_isa_checker()
+        claimed = sorted(str(isa) for isa in cpu_vec_isa.supported_vec_isa_list
+                         if all(flag in flags for flag in str(isa).split()))
+        compiler = cpp_builder.get_cpp_compiler()
+        compiler_path = shutil.which(compiler)
+        key = json.dumps([torch.__version__, sys.executable, compiler_path,
+                          os.stat(compiler_path).st_mtime_ns if compiler_path else None, sorted(flags)])
+        record = Path(cache_dir()) / f"vitscope-vec-isa-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+        if record.is_file():
+            passed = json.loads(record.read_text())
+        else:
+            passed = sorted(str(isa) for isa in cpu_vec_isa.valid_vec_isa_list())  # runs the probe
+            record.parent.mkdir(parents=True, exist_ok=True)
+            tmp = record.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(passed))
+            os.replace(tmp, record)
+        # Set in the probing process too: the setting is part of inductor's compile-cache key, so every
+        # process of a machine must agree on it, or the second run would compile everything again.
+        if claimed and passed == claimed:
+            config.cpp.vec_isa_ok = True
+    except Exception:  # the probe then runs as inductor's own code decides
+        return
 
 
 def cpu_name() -> str:

@@ -30,6 +30,10 @@ class PatchEmbed(nn.Module):
         return F.linear(patches.reshape(B, -1, C * P * P), self.proj.weight.flatten(1), self.proj.bias)  # (B, N, D)
 
 
+# Head sizes below which the class-token-only attention runs with the heads as rows (Attention, explicit form).
+HEADS_AS_ROWS_BELOW = 16
+
+
 class Attention(nn.Module):
     """Multi-head self-attention. `implementation` "fused" uses F.scaled_dot_product_attention, "explicit"
     the three ops softmax(QK^T * scale) V, "auto" fused on GPUs and explicit on CPUs (at these sizes the
@@ -60,7 +64,7 @@ class Attention(nn.Module):
             w, b = self.qkv.weight, self.qkv.bias
             q = F.linear(x[:, :1], w[:D], None if b is None else b[:D])  # (B, 1, D)
             kv = F.linear(x, w[D:], None if b is None else b[D:])  # (B, T, 2D)
-            if not fused and d < 16:
+            if not fused and d < HEADS_AS_ROWS_BELOW:
                 out, attention = self._class_token_heads_as_rows(q, *kv.reshape(B, T, 2, D).unbind(2))
                 return self.proj(out), attention
             q = q.reshape(B, 1, H, d).transpose(1, 2)
@@ -243,7 +247,9 @@ def flops_per_image(config: ViTConfig) -> int:
 
 def executed_flops_per_image(config: ViTConfig) -> int:
     """flops_per_image less what a last block that computes the class token alone skips (its other tokens'
-    queries, attention rows, projections and MLPs): what the forward pass actually multiplies."""
+    queries, attention rows, projections and MLPs): the useful multiplies of the forward pass. (At head
+    sizes below HEADS_AS_ROWS_BELOW the class token's scores and mix multiply heads - 1 zeros per useful
+    product as well, +0.5% at the seed size; they are not counted.)"""
     if config.architecture != "vit" or not config.last_block_class_token_only or config.depth == 0:
         return flops_per_image(config)
     T, D, M = config.num_patches + 1, config.dim, config.mlp_dim
