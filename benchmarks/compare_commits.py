@@ -70,8 +70,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=0.8, help="about this long per window")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    from vitscope.device import cpu_name
+    from vitscope.device import cpu_name, keep_freed_memory
 
+    keep_freed_memory()  # as `vitscope train` does (one process: every commit's step runs with it)
     with tempfile.TemporaryDirectory() as tmp:
         sys.path.insert(0, tmp)
         packages = [export_package(commit, Path(tmp)) for commit in args.commits]

@@ -32,6 +32,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    from vitscope.device import keep_freed_memory
+    keep_freed_memory()  # as `vitscope train` does
     from vitscope.config import PRESETS
     from vitscope.device import cpu_name, select_precision
     from vitscope.model import build_model

@@ -160,7 +160,10 @@ def main():
     # Each implementation's settings share its step's code, and torch.compile caches graphs per code object:
     # past its default of 8 recompilations it would run the rest eager, with only a warning on stderr.
     torch._dynamo.config.recompile_limit = 64
-    from vitscope.device import cpu_has_native_bf16, cpu_name
+    from vitscope.device import cpu_has_native_bf16, cpu_name, keep_freed_memory
+    # `vitscope train` keeps freed memory in the process (no page faults per step); set here, it serves every
+    # implementation of this one process alike.
+    keep_freed_memory()
     from vitscope.model import flops_per_image
     from vitscope import ViTConfig
     device = torch.device(args.device)

@@ -79,3 +79,12 @@ def test_the_vector_isa_probe_runs_once_and_its_result_is_reused(monkeypatch, tm
     record.write_text(json.dumps(claimed))
     reuse_vec_isa_probe()
     assert config.cpp.vec_isa_ok is False
+
+
+def test_freed_memory_is_kept_on_glibc_unless_the_user_tuned_malloc(monkeypatch):
+    import os
+    import sys
+    glibc = sys.platform == "linux" and (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    assert device.keep_freed_memory() is glibc
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
+    assert device.keep_freed_memory() is False

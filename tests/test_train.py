@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 
@@ -213,3 +214,13 @@ def test_a_failing_torch_compile_warns_and_trains_on_uncompiled(monkeypatch, opt
     assert torch.isfinite(loss)
     assert all(not torch.equal(before[name], p) for name, p in model.named_parameters()), "every parameter steps"
     step(images, labels)  # and on, without trying again
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_keep_freed_memory_is_a_field_that_turns_the_malloc_setting_off(monkeypatch, idx_dir, tmp_path, keep):
+    import vitscope.train as train_module
+    calls = []
+    monkeypatch.setattr(train_module, "keep_freed_memory", lambda: calls.append(1) or True)
+    recipe = dataclasses.replace(tiny_recipe(idx_dir, epochs=1), keep_freed_memory=keep)
+    train(TINY, recipe, tmp_path / "run", progress=False, log=lambda line: None)
+    assert len(calls) == (1 if keep else 0)

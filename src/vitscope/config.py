@@ -87,6 +87,9 @@ class TrainConfig:
     compile: str | bool = "auto"
     eval_batch_size: int = 1000
     tensorboard: bool = False
+    # glibc's malloc keeps freed memory for the next step instead of returning it to the OS (device.
+    # keep_freed_memory): no page faults per step; a `fast` step 1.04-1.37x faster on the Zen 4 host.
+    keep_freed_memory: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.compile, bool):  # config files and runs from before "auto" say true / false

@@ -18,7 +18,8 @@ from . import __version__
 from .config import COMPILE_MIN_STEPS, TrainConfig, ViTConfig
 from .data import (Dataset, load_dataset, normalize, random_close, random_rotate_scale, random_shift,
                    random_stroke)
-from .device import CompiledOrEager, autocast, describe_hardware, select_device, select_precision
+from .device import (CompiledOrEager, autocast, describe_hardware, keep_freed_memory, select_device,
+                     select_precision)
 from .errors import VitscopeError
 from .evaluate import evaluate
 from .model import build_model, count_parameters, executed_flops_per_image, flops_per_image
@@ -189,6 +190,8 @@ def train(model_config: ViTConfig | None, train_config: TrainConfig | None, out:
     train_config.validate()
     if threads or train_config.threads:
         torch.set_num_threads(threads or train_config.threads)
+    if train_config.keep_freed_memory:
+        keep_freed_memory()
     device = select_device(train_config.device)
     precision = select_precision(train_config.precision, device)
 
