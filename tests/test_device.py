@@ -48,10 +48,7 @@ def _isa_probe_test_setup(monkeypatch, tmp_path):
         pytest.skip("no C++ compiler")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(config.cpp, "vec_isa_ok", None)
-    flags = cpu_vec_isa.x86_isa_checker()
-    claimed = sorted(str(isa) for isa in cpu_vec_isa.supported_vec_isa_list
-                     if all(flag in flags for flag in str(isa).split()))
-    return config, cpu_vec_isa, claimed
+    return config, cpu_vec_isa, device.claimed_vec_isas()
 
 
 def test_the_vector_isa_probe_runs_once_and_its_result_is_reused(monkeypatch, tmp_path):

@@ -130,8 +130,7 @@ def reuse_vec_isa_probe() -> None:
         if config.cpp.vec_isa_ok is not None or platform.machine() not in ("x86_64", "AMD64"):
             return
         flags = cpu_vec_isa.x86_isa_checker()
-        claimed = sorted(str(isa) for isa in cpu_vec_isa.supported_vec_isa_list
-                         if all(flag in flags for flag in str(isa).split()))
+        claimed = claimed_vec_isas(flags)
         compiler = cpp_builder.get_cpp_compiler()
         compiler_path = shutil.which(compiler)
         key = json.dumps([torch.__version__, sys.executable, compiler_path,
@@ -151,6 +150,16 @@ def reuse_vec_isa_probe() -> None:
             config.cpp.vec_isa_ok = True
     except Exception:  # the probe then runs as inductor's own code decides
         return
+
+
+def claimed_vec_isas(flags: list[str] | None = None) -> list[str]:
+    """The names of inductor's x86 vector ISAs whose CPU flags this CPU has (all of them, for inductor's
+    probe to check), sorted; `flags` as inductor reads them, read here if not given."""
+    from torch._inductor import cpu_vec_isa
+
+    flags = cpu_vec_isa.x86_isa_checker() if flags is None else flags
+    return sorted(str(isa) for isa in cpu_vec_isa.supported_vec_isa_list
+                  if all(flag in flags for flag in str(isa).split()))
 
 
 def cpu_name() -> str:
