@@ -32,13 +32,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from vitscope.device import keep_freed_memory
-    keep_freed_memory()  # as `vitscope train` does
     from vitscope.config import PRESETS
-    from vitscope.device import cpu_name, select_precision
+    from vitscope.device import cpu_name, keep_freed_memory, select_precision
     from vitscope.model import build_model
     from vitscope.train import make_optimizer, make_scheduler, make_train_step
 
+    keep_freed_memory()  # as `vitscope train` does
     preset = PRESETS[args.preset]
     device = torch.device("cpu")
     precision = args.precision or select_precision(preset.train.precision, device)

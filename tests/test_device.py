@@ -1,4 +1,8 @@
 import json
+import os
+import platform
+import shutil
+import sys
 
 import pytest
 import torch
@@ -38,9 +42,6 @@ def test_hardware_description_names_the_cpu():
 
 def _isa_probe_test_setup(monkeypatch, tmp_path):
     """Inductor's ISA settings, with its cache in tmp_path; skips where the probe does not apply."""
-    import platform
-    import shutil
-
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("the vector-ISA probe is x86's")
     from torch._inductor import config, cpp_builder, cpu_vec_isa
@@ -79,8 +80,6 @@ def test_the_vector_isa_probe_runs_once_and_its_result_is_reused(monkeypatch, tm
 
 
 def test_freed_memory_is_kept_on_glibc_unless_the_user_tuned_malloc(monkeypatch):
-    import os
-    import sys
     glibc = sys.platform == "linux" and (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
     assert device.keep_freed_memory() is glibc
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")

@@ -82,7 +82,7 @@ class TrainConfig:
     precision: str = "auto"  # auto, fp32, bf16
     threads: int | None = None  # torch intra-op threads; None = torch's default
     # torch.compile the training step (forward + loss, and Muon's update): "on", "off", or "auto" = on where it
-    # pays, for runs of at least COMPILE_MIN_STEPS steps on a CPU or CUDA device (compiling costs ~3 s with a
+    # pays, for runs of at least COMPILE_MIN_STEPS steps on a CPU or CUDA device (compiling costs ~2 s with a
     # warm cache, ~50 s cold on a 2-core CPU; a compiled `fast` step is ~1.3x faster). true / false: on / off.
     compile: str | bool = "auto"
     eval_batch_size: int = 1000
