@@ -1,5 +1,7 @@
 """What a user types: every user error is exit 2 with one line on stderr and no traceback."""
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -81,3 +83,11 @@ def test_missing_accelerator_is_a_user_error(idx_dir, tmp_path, device):
         pytest.skip(f"this machine has {device}")
     assert_user_error(run_cli("train", "--device", device, "--dataset", "idx", "--data-dir", idx_dir,
                               "--out", tmp_path / "r", "--epochs", "1"), device)
+
+
+def test_the_command_exits_the_usual_way_under_a_profiler_so_its_report_is_written():
+    # `vitscope` skips Python's teardown (os._exit) unless a profiler or tracer waits for the exit.
+    p = subprocess.run([sys.executable, "-m", "cProfile", "-m", "vitscope"], capture_output=True,  # prints help
+                       text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0 and "usage: vitscope" in p.stdout
+    assert "function calls" in p.stdout, p.stdout[-500:]
