@@ -88,7 +88,7 @@ class TrainConfig:
     eval_batch_size: int = 1000
     tensorboard: bool = False
     # glibc's malloc keeps freed memory for the next step instead of returning it to the OS (device.
-    # keep_freed_memory): no page faults per step; a `fast` step 1.04-1.37x faster on the Zen 4 host.
+    # keep_freed_memory): no page faults per step (800-5,000 per `fast` step before, benchmarks/malloc_pages.py).
     keep_freed_memory: bool = True
 
     def __post_init__(self) -> None:

@@ -96,11 +96,11 @@ def keep_freed_memory() -> bool:
 
     By default glibc serves large blocks with fresh mappings and trims the top of its heap once enough of
     it is free, so a training step's tensors of a few MB come back, step after step, as new zeroed pages.
-    On the `fast` preset that was 860-4,600 page faults and 2-11 ms of kernel time per step (Zen 4 host);
-    with blocks up to 32 MiB served from the heap and trimming only past 1 GiB free, none, and the step
-    was 1.04-1.37x faster (4 processes of each, alternated). Freed memory then stays with the process:
-    its resident size stays at its peak. Linux with glibc only; a user's own MALLOC_*_ settings win.
-    Returns whether the settings were applied."""
+    On the `fast` preset that was 800-5,000 page faults and 2-10 ms of kernel time per step (Zen 4 host);
+    with blocks up to 32 MiB served from the heap and trimming only past 1 GiB free, none, and the step was
+    faster in 6 of 8 alternated pairs of processes (benchmarks/malloc_pages.py). Freed memory then stays
+    with the process: its resident size stays at its peak. Linux with glibc only; a user's own MALLOC_*_
+    settings win. Returns whether the settings were applied."""
     libc_version = os.confstr("CS_GNU_LIBC_VERSION") if hasattr(os, "confstr") else None  # "glibc 2.36"
     if sys.platform != "linux" or not (libc_version or "").startswith("glibc"):
         return False
@@ -117,7 +117,7 @@ def reuse_vec_isa_probe() -> None:
     """Spare torch.compile its CPU vector-ISA probe in every process but the first.
 
     Inductor checks each vector ISA the CPU's flags claim (AVX2, AVX-512, ...) by building a test library
-    and loading it in a new Python process: ~0.85 s of every compiled run on the Zen 4 host, even with a
+    and loading it in a new Python process: 1.2 s of every compiled run on the Zen 4 host (cProfile), with a
     warm compile cache. The first process runs the probe and records which ISAs passed, keyed by the torch
     build, the Python, the C++ compiler and the CPU's flags; where every claimed ISA passed, this and every
     later process with the same key tell inductor so (`config.cpp.vec_isa_ok`), and no later one probes.

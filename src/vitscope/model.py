@@ -85,9 +85,10 @@ class Attention(nn.Module):
         matrix: row h of (B, H, D) holds the query on head h's slice of D and zeros elsewhere, so one bmm
         against the keys gives every head's scores (B, H, T), and one against the values gives rows of which
         each keeps its own head's slice. The same numbers as the per-head form, which torch.compile on a CPU
-        lowers (1-row matmuls become multiply-and-sum loops) into a slow kernel at head sizes below 16:
-        fwd + bwd of this attention at P7 D32 H4, batch 256, fp32, Zen 4: 0.52 ms against 1.44 ms. At head
-        size 16 the per-head form is the faster one (0.66 ms against 0.85 ms, bf16), so it is kept there."""
+        lowers (1-row matmuls become multiply-and-sum loops) into a slow kernel at small head sizes: fwd +
+        bwd of this attention at head size 8, batch 256, fp32, Zen 4: 0.78 ms against 1.93 ms
+        (benchmarks/class_token_attention.py). At head size 16 the whole `fast` step was 0.964x as fast with
+        it, so the per-head form is kept from there on (benchmarks/RESULTS.md)."""
         H, D = self.heads, q.shape[-1]
         heads = torch.arange(H, device=q.device).unsqueeze(1) == torch.arange(D, device=q.device) // self.head_dim
         mask = heads.to(q.dtype)  # (H, D): 1 on each head's slice
