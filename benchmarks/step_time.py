@@ -1,13 +1,15 @@
-"""Milliseconds per training step of a preset, eager against compiled, with the last block computing every
-token or the class token alone: the four variants side by side in one process.
+"""Milliseconds per training step of a preset: eager, compiled forward and loss, compiled whole step (forward,
+backward and update as one graph); each with the last block computing every token or the class token alone.
 
-    python benchmarks/step_time.py --preset fast
-    python benchmarks/step_time.py --preset seed --batch 256 --json
+    python benchmarks/step_time.py --preset seed
+    python benchmarks/step_time.py --preset fast --last-block class --json
 
 Each variant is `vitscope.train.make_train_step` on the preset's model and recipe (optimizer included),
 fed one fixed batch of random uint8 images. After a warm-up (which compiles), timed windows of --steps
 steps go round the variants in turn, so the machine's drift in speed reaches all of them alike; the
-median window is reported. Precision is the preset's `--precision auto` choice unless --precision says.
+median window is reported, and the speedup over the first variant both as the ratio of medians and as the
+median of the windows' paired ratios. Precision is the preset's `--precision auto` choice unless
+--precision says.
 """
 from __future__ import annotations
 
@@ -28,6 +30,10 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=7)
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--modes", default="eager,forward,whole", help="of eager, forward (forward and loss compiled), "
+                    "whole (the whole step compiled)")
+    ap.add_argument("--last-block", choices=["class", "all", "both"], default="both",
+                    help="the last block for the class token alone, for every token, or both")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.threads:
@@ -45,10 +51,14 @@ def main() -> None:
     images = torch.randint(0, 256, (batch, 28, 28), dtype=torch.uint8)
     labels = torch.randint(0, 10, (batch,))
     steps = {}
-    for compiled in (False, True):
-        for class_token_only in (False, True):
+    modes = {"eager": dict(compile="off"), "forward": dict(compile="on", compile_whole_step=False),
+             "whole": dict(compile="on", compile_whole_step=True)}
+    names = {"eager": "eager", "forward": "compiled forward", "whole": "compiled whole step"}
+    last_blocks = {"class": [True], "all": [False], "both": [False, True]}[args.last_block]
+    for mode in args.modes.split(","):
+        for class_token_only in last_blocks:
             model_config = dataclasses.replace(preset.model, last_block_class_token_only=class_token_only)
-            recipe = dataclasses.replace(preset.train, batch_size=batch, compile="on" if compiled else "off")
+            recipe = dataclasses.replace(preset.train, batch_size=batch, **modes[mode])
             torch.manual_seed(0)
             model = build_model(model_config)
             optimizer = make_optimizer(model, recipe)
@@ -56,8 +66,7 @@ def main() -> None:
                                    model_config, device, precision)
             for _ in range(3):
                 step(images, labels)
-            steps[("compiled" if compiled else "eager") + (", last block class token only" if class_token_only
-                                                           else ", whole last block")] = step
+            steps[names[mode] + (", last block class token only" if class_token_only else ", whole last block")] = step
     times = {name: [] for name in steps}
     for _ in range(args.windows):
         for name, step in steps.items():
@@ -65,15 +74,16 @@ def main() -> None:
             for _ in range(args.steps):
                 step(images, labels)
             times[name].append((time.perf_counter() - start) / args.steps * 1e3)
-    baseline = statistics.median(next(iter(times.values())))
+    baseline = next(iter(times.values()))
     for name, values in times.items():
         row = {"preset": args.preset, "variant": name, "batch": batch, "precision": precision,
                "ms_per_step": round(statistics.median(values), 2),
-               "speedup": round(baseline / statistics.median(values), 2), "windows": [round(v, 2) for v in values],
+               "speedup": round(statistics.median(baseline) / statistics.median(values), 3),
+               "paired_speedup": round(statistics.median(b / v for b, v in zip(baseline, values)), 3),
+               "windows": [round(v, 2) for v in values],
                "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__}
         print(json.dumps(row) if args.json else
-              f"{name:40s} {row['ms_per_step']:7.2f} ms/step  x{row['speedup']:.2f}")
-
+              f"{name:55s} {row['ms_per_step']:7.2f} ms/step  x{row['speedup']:.2f} (paired x{row['paired_speedup']:.2f})")
 
 if __name__ == "__main__":
     main()

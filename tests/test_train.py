@@ -10,7 +10,8 @@ from conftest import run_cli
 from vitscope.config import TrainConfig, ViTConfig, read_config_file, resolve_config
 from vitscope.errors import VitscopeError
 from vitscope.model import ViT
-from vitscope.train import loss_of, lr_factor, parameter_groups, train
+from vitscope.step import loss_of
+from vitscope.train import lr_factor, parameter_groups, train
 
 TINY = ViTConfig(patch_size=7, dim=16, depth=1, heads=2, mlp_dim=32)
 
@@ -191,8 +192,9 @@ def test_a_short_run_says_it_trains_eager_and_records_it(idx_dir, tmp_path):
     assert json.loads(run.config_file.read_text())["compiled"] is False
 
 
+@pytest.mark.parametrize("whole_step", [True, False])  # the whole step as one graph, or forward and loss
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])  # Muon compiles its update too
-def test_a_failing_torch_compile_warns_and_trains_on_uncompiled(monkeypatch, optimizer):
+def test_a_failing_torch_compile_warns_and_trains_on_uncompiled(monkeypatch, optimizer, whole_step):
     from vitscope.train import make_optimizer, make_scheduler, make_train_step
 
     def broken_compile(model):
@@ -203,7 +205,7 @@ def test_a_failing_torch_compile_warns_and_trains_on_uncompiled(monkeypatch, opt
     monkeypatch.setattr(torch, "compile", broken_compile)
     torch.manual_seed(0)
     model = ViT(TINY)
-    recipe = TrainConfig(compile="on", lr=1e-3, optimizer=optimizer)
+    recipe = TrainConfig(compile="on", lr=1e-3, optimizer=optimizer, compile_whole_step=whole_step)
     optimizer = make_optimizer(model, recipe)
     step = make_train_step(model, optimizer, make_scheduler(optimizer, recipe, 10), recipe, TINY,
                            torch.device("cpu"), "fp32")

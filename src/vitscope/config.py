@@ -85,6 +85,10 @@ class TrainConfig:
     # pays, for runs of at least COMPILE_MIN_STEPS steps on a CPU or CUDA device (compiling costs ~2 s with a
     # warm cache, ~50 s cold on a 2-core CPU; a compiled `fast` step is ~1.3x faster). true / false: on / off.
     compile: str | bool = "auto"
+    # With compile on: forward, backward, clipping and the optimizer's update as one graph (vitscope.step.
+    # WholeStep), no autograd engine or optimizer loop in Python: ~1.2x faster at the `seed` preset's batch of
+    # 64 (benchmarks/RESULTS.md). False: forward and loss compiled, backward and the update eager.
+    compile_whole_step: bool = True
     eval_batch_size: int = 1000
     tensorboard: bool = False
     # glibc's malloc keeps freed memory for the next step instead of returning it to the OS (device.

@@ -63,13 +63,16 @@ def _wide(matrix: torch.Tensor) -> torch.Tensor:
 
 def adamw_update(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
                  exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor], lr: torch.Tensor, beta1: float,
-                 beta2: float, eps: float, weight_decay: float) -> None:
+                 beta2: float, eps: float, weight_decay: float, decoupled: bool = True) -> None:
     """One AdamW step, in place (decoupled weight decay, bias-corrected moments); `lr` a 0-d tensor and
-    `steps` the parameters' 0-d step counts, which advance together."""
+    `steps` the parameters' 0-d step counts, which advance together. `decoupled=False` is Adam's L2 decay:
+    the decay is added to the gradient instead."""
     torch._foreach_add_(steps, 1)
     step = steps[0].to(lr.device)  # step counts live on the CPU, as torch.optim keeps them
-    if weight_decay:
+    if weight_decay and decoupled:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
+    elif weight_decay:
+        grads = torch._foreach_add(grads, params, alpha=weight_decay)
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
@@ -132,4 +135,78 @@ class MuonAdamW(torch.optim.Optimizer):
         return state
 
 
-__all__ = ["MuonAdamW", "adamw_update", "muon_update", "orthogonalize"]
+class TensorUpdate:
+    """An optimizer's update as a function of tensors and constants alone, for a graph that computes the
+    gradients too (`vitscope.step.WholeStep`): `inputs()` gathers, eagerly, what each param group's update
+    needs (its settings, its learning rate as a 0-d tensor, its state tensors), and `apply(params, grads,
+    inputs)` runs the updates in place. It serves torch.optim's Adam and AdamW and MuonAdamW with the
+    arithmetic of their own step (the same formulas; a fused torch kernel rounds a little differently), and
+    keeps the moments in the optimizer's own state, made as the optimizer makes it: checkpoints,
+    `load_state_dict` and the optimizer's own `step` go on working. `supports(optimizer)` says whether it
+    can; settings it does not implement (amsgrad, maximize, ...) leave the optimizer to its own step."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor]):
+        if not self.supports(optimizer):
+            raise ValueError(f"no tensor update for {type(optimizer).__name__} with these settings")
+        self.optimizer = optimizer
+        self.position = {p: i for i, p in enumerate(params)}
+
+    @staticmethod
+    def supports(optimizer: torch.optim.Optimizer) -> bool:
+        if isinstance(optimizer, MuonAdamW):
+            return True
+        if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
+            return False
+        return not any(group.get(flag) or torch.is_tensor(group["lr"]) for group in optimizer.param_groups
+                       for flag in ("amsgrad", "maximize", "differentiable", "capturable"))
+
+    def inputs(self) -> list[dict]:
+        """Per param group: the positions of its parameters, its settings, its learning rate as a 0-d tensor
+        (so a graph serves every step of the schedule) and its state tensors, created where the optimizer has
+        not stepped yet. Gathered anew at every step: the schedule moves the rate, `load_state_dict` replaces
+        the state."""
+        out = []
+        for group in self.optimizer.param_groups:
+            muon = isinstance(self.optimizer, MuonAdamW) and group["muon"]
+            states = [self._state_of(p, muon) for p in group["params"]]
+            item = {"indices": [self.position[p] for p in group["params"]], "weight_decay": group["weight_decay"],
+                    "lr": torch.tensor(group["lr"], dtype=torch.float32)}
+            if muon:
+                item.update(momentum=group["momentum"], ns_steps=group["ns_steps"],
+                            buffers=[state["momentum_buffer"] for state in states])
+            else:
+                item.update(betas=tuple(group["betas"]), eps=group["eps"],
+                            decoupled=isinstance(self.optimizer, (MuonAdamW, torch.optim.AdamW))
+                            or bool(group.get("decoupled_weight_decay")),
+                            exp_avgs=[state["exp_avg"] for state in states],
+                            exp_avg_sqs=[state["exp_avg_sq"] for state in states],
+                            steps=[state["step"] for state in states])
+            out.append(item)
+        return out
+
+    @staticmethod
+    def apply(params: list[torch.Tensor], grads: list[torch.Tensor], inputs: list[dict]) -> None:
+        """The update of every group, in place; `inputs` from `inputs()`."""
+        for item in inputs:
+            group_params, group_grads = [params[i] for i in item["indices"]], [grads[i] for i in item["indices"]]
+            lr = item["lr"].to(group_params[0].device)
+            if "buffers" in item:
+                muon_update(group_params, group_grads, item["buffers"], lr, item["momentum"], item["weight_decay"],
+                            item["ns_steps"])
+            else:
+                adamw_update(group_params, group_grads, item["exp_avgs"], item["exp_avg_sqs"], item["steps"], lr,
+                             *item["betas"], item["eps"], item["weight_decay"], item["decoupled"])
+
+    def _state_of(self, p: torch.Tensor, muon: bool) -> dict:
+        if isinstance(self.optimizer, MuonAdamW):
+            return self.optimizer._state_of(p, muon)
+        state = self.optimizer.state[p]
+        if not state:  # as torch.optim.Adam(W) makes it on its first step
+            fused_on_device = self.optimizer.defaults.get("fused") and p.device.type != "cpu"
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if fused_on_device else "cpu")
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+
+__all__ = ["MuonAdamW", "TensorUpdate", "adamw_update", "muon_update", "orthogonalize"]

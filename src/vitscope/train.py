@@ -11,21 +11,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import __version__
 from .config import COMPILE_MIN_STEPS, TrainConfig, ViTConfig
-from .data import (Dataset, load_dataset, normalize, random_close, random_rotate_scale, random_shift,
-                   random_stroke)
-from .device import (CompiledOrEager, autocast, describe_hardware, keep_freed_memory, select_device,
-                     select_precision)
+from .data import Dataset, load_dataset, random_close, random_rotate_scale, random_shift, random_stroke
+from .device import describe_hardware, keep_freed_memory, select_device, select_precision
 from .errors import VitscopeError
 from .evaluate import evaluate
 from .model import build_model, count_parameters, executed_flops_per_image, flops_per_image
 from .optim import MuonAdamW
 from .plots import plot_training_curves
 from .rundir import RunDir, config_to_dict
+from .step import make_train_step
 
 
 def default_out(preset: str) -> Path:
@@ -77,43 +75,6 @@ def make_scheduler(optimizer, config: TrainConfig, steps_per_epoch: int):
     warmup = round(config.warmup_epochs * steps_per_epoch)
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total, warmup, config.schedule))
-
-
-def loss_of(logits: torch.Tensor, labels: torch.Tensor, config: TrainConfig) -> torch.Tensor:
-    if config.softmax_before_loss:  # the blog's bug, kept for its preset: softmax, then CE's own log-softmax
-        logits = logits.softmax(dim=-1)
-    return F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
-
-
-def make_train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, config: TrainConfig,
-                    model_config: ViTConfig, device: torch.device, precision: str):
-    """One optimisation step on a batch of uint8 images (B, H, W) and labels (B,): normalise, forward, loss
-    (one compiled graph when `config.compile` is "on"; `train` settles "auto" first, and `make_optimizer`
-    compiles Muon's update with it), backward, clip, step.
-    Returns the detached loss and the number of correct predictions, as tensors, so the loop never waits on
-    the device. benchmarks/throughput.py times this very function."""
-    mean, std = model_config.pixel_mean, model_config.pixel_std
-
-    def forward(images: torch.Tensor, labels: torch.Tensor):
-        logits = model(normalize(images, mean, std))
-        return loss_of(logits.float(), labels, config), (logits.argmax(1) == labels).sum()
-
-    forward_and_loss = CompiledOrEager(forward) if config.compile == "on" else forward
-
-    def train_step(images: torch.Tensor, labels: torch.Tensor):
-        # Autocast around the compiled call, not in it: a graph that enters autocast itself is never taken
-        # from the compile cache (torch 2.13), which costs ~4 s of tracing in every new process.
-        with autocast(device, precision):
-            loss, hits = forward_and_loss(images, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        return loss.detach(), hits
-
-    return train_step
 
 
 def settle_compile(config: TrainConfig, device: torch.device, steps: int) -> str:

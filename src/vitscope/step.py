@@ -1,0 +1,102 @@
+"""The training step: a batch of uint8 images (B, H, W) and labels (B,) in, one optimizer update done, the
+detached loss and the number of correct predictions out, as tensors, so the loop never waits on the device.
+
+It comes in two forms with the same arithmetic, chosen by `make_train_step`:
+- `WholeStep` (compile on and `TrainConfig.compile_whole_step`): the gradients by `torch.func.grad`, the
+  clipping and the optimizer's update traced into one compiled graph. No autograd engine, no optimizer loop in
+  Python, one call per step: at the `seed` preset's batch of 64, where a step is a few ms of small matmuls,
+  that is ~1.2x faster than the form below (benchmarks/RESULTS.md).
+- the usual one: forward and loss compiled as one graph (or eager), then autograd's backward, clipping and
+  the optimizer's own step.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .config import TrainConfig, ViTConfig
+from .data import normalize
+from .device import CompiledOrEager, autocast
+from .optim import TensorUpdate
+
+
+def loss_of(logits: torch.Tensor, labels: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+    if config.softmax_before_loss:  # the blog's bug, kept for its preset: softmax, then CE's own log-softmax
+        logits = logits.softmax(dim=-1)
+    return F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
+
+
+def make_train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, config: TrainConfig,
+                    model_config: ViTConfig, device: torch.device, precision: str):
+    """One optimisation step on a batch of uint8 images (B, H, W) and labels (B,): normalise, forward, loss,
+    backward, clip, the optimizer's update, the scheduler's step. With `config.compile` "on" (`train` settles
+    "auto" first) compiled: the whole step as one graph where `config.compile_whole_step` and the optimizer
+    allow (`WholeStep`), else forward and loss as one graph (and Muon's update, compiled by `make_optimizer`).
+    benchmarks/throughput.py times this very function."""
+    if config.compile == "on" and config.compile_whole_step and TensorUpdate.supports(optimizer):
+        return WholeStep(model, optimizer, scheduler, config, model_config, device, precision)
+    mean, std = model_config.pixel_mean, model_config.pixel_std
+
+    def forward(images: torch.Tensor, labels: torch.Tensor):
+        logits = model(normalize(images, mean, std))
+        return loss_of(logits.float(), labels, config), (logits.argmax(1) == labels).sum()
+
+    forward_and_loss = CompiledOrEager(forward) if config.compile == "on" else forward
+
+    def train_step(images: torch.Tensor, labels: torch.Tensor):
+        # Autocast around the compiled call, not in it: a graph that enters autocast itself is never taken
+        # from the compile cache (torch 2.13), which costs ~4 s of tracing in every new process.
+        with autocast(device, precision):
+            loss, hits = forward_and_loss(images, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        return loss.detach(), hits
+
+    return train_step
+
+
+class WholeStep:
+    """Forward, loss, gradients (`torch.func.grad` over the model's parameters), gradient clipping and the
+    optimizer's update (`optim.TensorUpdate`, on the optimizer's own state) as one torch.compile'd graph.
+
+    The parameters enter as detached aliases of the model's own, and the update writes them in place: the
+    model, its state_dict and the optimizer's state_dict stay what they would be after `optimizer.step()`.
+    The learning rates enter as 0-d tensors, so one graph serves the whole schedule. `.grad` is left unset.
+    If torch.compile fails, the same function runs eagerly (`CompiledOrEager`)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, config: TrainConfig,
+                 model_config: ViTConfig, device: torch.device, precision: str):
+        self.model, self.optimizer, self.scheduler, self.config = model, optimizer, scheduler, config
+        self.device, self.precision = device, precision
+        self.mean, self.std = model_config.pixel_mean, model_config.pixel_std
+        named = list(model.named_parameters())
+        self.names, self.params = [name for name, _ in named], [p for _, p in named]
+        self.update = TensorUpdate(optimizer, self.params)
+        self.compiled = CompiledOrEager(self.step)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor):
+        with autocast(self.device, self.precision):  # around the graph, for the reason make_train_step's says
+            loss, hits = self.compiled([p.detach() for p in self.params], self.update.inputs(), images, labels)
+        # What optimizer.step() would note for the scheduler, which otherwise warns that it steps first.
+        self.optimizer._opt_called = True
+        self.scheduler.step()
+        return loss, hits
+
+    def step(self, params: list[torch.Tensor], update_inputs: list[dict], images: torch.Tensor, labels: torch.Tensor):
+        grads, (loss, hits) = torch.func.grad(self.loss, has_aux=True)(params, images, labels)
+        if self.config.grad_clip > 0:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            scale = (self.config.grad_clip / (norm + 1e-6)).clamp(max=1.0)  # as clip_grad_norm_ does
+            grads = [g * scale for g in grads]
+        TensorUpdate.apply(params, grads, update_inputs)
+        return loss, hits
+
+    def loss(self, params: list[torch.Tensor], images: torch.Tensor, labels: torch.Tensor):
+        logits = torch.func.functional_call(self.model, dict(zip(self.names, params)),
+                                            (normalize(images, self.mean, self.std),))
+        loss = loss_of(logits.float(), labels, self.config)
+        return loss, (loss.detach(), (logits.argmax(1) == labels).sum())

@@ -1,0 +1,91 @@
+import warnings
+
+import pytest
+import torch
+
+from vitscope.config import TrainConfig, ViTConfig
+from vitscope.model import ViT, build_model
+from vitscope.optim import TensorUpdate
+from vitscope.step import WholeStep, make_train_step
+from vitscope.train import make_optimizer, make_scheduler
+
+TINY = ViTConfig(patch_size=7, dim=16, depth=2, heads=2, mlp_dim=32)
+CPU = torch.device("cpu")
+
+
+def batches(n: int, size: int = 16):
+    generator = torch.Generator().manual_seed(1)
+    return [(torch.randint(0, 256, (size, 28, 28), dtype=torch.uint8, generator=generator),
+             torch.randint(0, 10, (size,), generator=generator)) for _ in range(n)]
+
+
+def run_steps(model_config: ViTConfig, recipe: TrainConfig, whole: str | None, steps: int = 6):
+    """`steps` steps of the usual eager step (whole=None), or of WholeStep run eagerly ("eager") or compiled
+    ("compiled"), on the same model, data and schedule (warmup, then cosine: the rate moves every step)."""
+    torch.manual_seed(0)
+    model = build_model(model_config)
+    optimizer = make_optimizer(model, recipe)
+    scheduler = make_scheduler(optimizer, recipe, steps)
+    if whole is None:
+        step = make_train_step(model, optimizer, scheduler, recipe, model_config, CPU, "fp32")
+    else:
+        step = WholeStep(model, optimizer, scheduler, recipe, model_config, CPU, "fp32")
+        if whole == "eager":
+            step.compiled = step.step
+    losses, hits = zip(*(step(images, labels) for images, labels in batches(steps)))
+    return model, optimizer, torch.stack(losses), torch.stack(hits)
+
+
+@pytest.mark.parametrize("optimizer,weight_decay,grad_clip,architecture", [
+    ("adamw", 0.05, 0.0, "vit"), ("adam", 0.01, 0.5, "vit"), ("muon", 0.05, 0.5, "vit"), ("adam", 0.0, 0.0, "blog")])
+def test_whole_step_follows_the_usual_step(optimizer, weight_decay, grad_clip, architecture):
+    model_config = ViTConfig(**{**TINY.__dict__, "architecture": architecture})
+    recipe = TrainConfig(optimizer=optimizer, lr=3e-3, muon_lr=0.02, weight_decay=weight_decay, grad_clip=grad_clip,
+                         epochs=1, schedule="cosine", warmup_epochs=0.5, label_smoothing=0.1, compile="off",
+                         softmax_before_loss=architecture == "blog")
+    usual_model, usual_optimizer, usual_losses, usual_hits = run_steps(model_config, recipe, None)
+    model, optimizer, losses, hits = run_steps(model_config, recipe, "eager")
+    torch.testing.assert_close(losses, usual_losses, atol=1e-5, rtol=1e-5)
+    assert torch.equal(hits, usual_hits)
+    for (name, p), q in zip(model.named_parameters(), usual_model.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)
+        assert p.grad is None
+    assert not torch.equal(p, build_model(model_config).get_parameter(name)), "the model's own parameters moved"
+    # The optimizer's state is what its own step makes: the same keys, dtypes and values, so checkpoints and
+    # resuming with either step work.
+    ours, theirs = optimizer.state_dict(), usual_optimizer.state_dict()
+    assert ours["param_groups"] == theirs["param_groups"]
+    for i, state in theirs["state"].items():
+        assert {k: v.dtype for k, v in ours["state"][i].items()} == {k: v.dtype for k, v in state.items()}
+        for key, value in state.items():
+            torch.testing.assert_close(ours["state"][i][key], value, atol=1e-6, rtol=1e-4)
+
+
+def test_compiled_whole_step_moves_the_model_as_the_eager_one_with_one_graph_for_the_whole_schedule():
+    recipe = TrainConfig(optimizer="muon", lr=3e-3, muon_lr=0.02, weight_decay=0.05, grad_clip=0.5, epochs=1,
+                         schedule="cosine", warmup_epochs=0.5, compile="on")
+    eager_model, _, eager_losses, _ = run_steps(TINY, recipe, "eager")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="torch.compile failed")  # it really compiled
+        warnings.filterwarnings("error", message=".*lr_scheduler.step")  # "... before optimizer.step()"
+        with torch._dynamo.config.patch(error_on_recompile=True):  # the moving rate is an input, not a constant
+            model, _, losses, _ = run_steps(TINY, recipe, "compiled")
+    torch.testing.assert_close(losses, eager_losses, atol=1e-5, rtol=1e-5)
+    for p, q in zip(model.parameters(), eager_model.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
+
+
+def test_make_train_step_takes_the_whole_step_only_where_it_is_asked_for_and_can_be_done():
+    def step_for(build=None, **fields):
+        recipe = TrainConfig(**{"optimizer": "adamw", "compile": "on", **fields})
+        model = ViT(TINY)
+        optimizer = build(model.parameters()) if build else make_optimizer(model, recipe)
+        return make_train_step(model, optimizer, make_scheduler(optimizer, recipe, 10), recipe, TINY, CPU, "fp32")
+
+    assert isinstance(step_for(), WholeStep)
+    assert isinstance(step_for(optimizer="muon"), WholeStep)
+    assert not isinstance(step_for(compile_whole_step=False), WholeStep)
+    assert not isinstance(step_for(compile="off"), WholeStep)
+    assert not isinstance(step_for(lambda params: torch.optim.SGD(params, lr=0.1)), WholeStep)
+    assert not isinstance(step_for(lambda params: torch.optim.AdamW(params, amsgrad=True)), WholeStep)
+    assert TensorUpdate.supports(torch.optim.Adam(ViT(TINY).parameters(), fused=True))
