@@ -73,7 +73,9 @@ class TrainConfig:
     augment_stroke: float = 0.0  # strokes thinned (by <= 1 px) or thickened by up to this many px (0 = off)
     augment_close: int = 0  # random closing (dilate, then erode) by up to this many px: fills small holes
     grad_clip: float = 0.0  # 0 = off
-    fused_optimizer: bool = True  # one fused Adam(W) kernel for all parameters (CPU and CUDA)
+    # One fused Adam(W) kernel for all parameters (CPU and CUDA), where the optimizer's own step runs (eager
+    # runs, or compile_whole_step = false; the whole compiled step fuses the update itself).
+    fused_optimizer: bool = True
     seed: int = 0
     dataset: str = "mnist"  # "mnist" or "idx"
     data_dir: str | None = None
@@ -81,9 +83,9 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu, cuda, mps
     precision: str = "auto"  # auto, fp32, bf16
     threads: int | None = None  # torch intra-op threads; None = torch's default
-    # torch.compile the training step (forward + loss, and Muon's update): "on", "off", or "auto" = on where it
-    # pays, for runs of at least COMPILE_MIN_STEPS steps on a CPU or CUDA device (compiling costs ~2 s with a
-    # warm cache, ~50 s cold on a 2-core CPU; a compiled `fast` step is ~1.3x faster). true / false: on / off.
+    # torch.compile the training step (see compile_whole_step): "on", "off", or "auto" = on where it pays, for
+    # runs of at least COMPILE_MIN_STEPS steps on a CPU or CUDA device (compiling costs ~4 s with a warm cache,
+    # ~50 s cold on a 2-core CPU; a compiled `fast` step is ~1.3x faster). true / false: on / off.
     compile: str | bool = "auto"
     # With compile on: forward, backward, clipping and the optimizer's update as one graph (vitscope.step.
     # WholeStep), no autograd engine or optimizer loop in Python: ~1.2x faster at the `seed` preset's batch of

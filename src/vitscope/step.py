@@ -66,7 +66,12 @@ class WholeStep:
     The parameters enter as detached aliases of the model's own, and the update writes them in place: the
     model, its state_dict and the optimizer's state_dict stay what they would be after `optimizer.step()`.
     The learning rates enter as 0-d tensors, so one graph serves the whole schedule. `.grad` is left unset.
-    If torch.compile fails, the same function runs eagerly (`CompiledOrEager`)."""
+    If torch.compile fails, the same function runs eagerly (`CompiledOrEager`).
+
+    Autocast is entered around the compiled call, as in the usual form: AOTAutograd's cache (torch 2.13)
+    refuses a graph that enters autocast itself, and every process would trace the step anew (~18 s more
+    per `fast` process). So under bf16 autocast the update's matmuls (Muon's Newton-Schulz iterations) run in bf16 too,
+    as Jordan's reference Muon runs them; the moments and the parameters stay fp32."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, config: TrainConfig,
                  model_config: ViTConfig, device: torch.device, precision: str):
@@ -79,7 +84,7 @@ class WholeStep:
         self.compiled = CompiledOrEager(self.step)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor):
-        with autocast(self.device, self.precision):  # around the graph, for the reason make_train_step's says
+        with autocast(self.device, self.precision):  # around the graph: see the class's docstring
             loss, hits = self.compiled([p.detach() for p in self.params], self.update.inputs(), images, labels)
         # What optimizer.step() would note for the scheduler, which otherwise warns that it steps first.
         self.optimizer._opt_called = True
