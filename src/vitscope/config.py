@@ -85,7 +85,7 @@ class TrainConfig:
     threads: int | None = None  # torch intra-op threads; None = torch's default
     # torch.compile the training step (see compile_whole_step): "on", "off", or "auto" = on where it pays, for
     # runs of at least COMPILE_MIN_STEPS steps on a CPU or CUDA device (compiling costs ~4 s with a warm cache,
-    # ~50 s cold on a 2-core CPU; a compiled `fast` step is ~1.3x faster). true / false: on / off.
+    # ~70 s cold on a 2-core CPU; a compiled `fast` step is ~1.3x faster). true / false: on / off.
     compile: str | bool = "auto"
     # With compile on: forward, backward, clipping and the optimizer's update as one graph (vitscope.step.
     # WholeStep), no autograd engine or optimizer loop in Python: ~1.2x faster at the `seed` preset's batch of
