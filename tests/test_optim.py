@@ -100,10 +100,12 @@ def test_muon_learns_from_the_cli(idx_dir, tmp_path):
     assert json.loads(p.stdout)["test_acc"] >= 0.9  # chance is 0.25
 
 
-def test_muon_run_resumes_bitwise(idx_dir, tmp_path):
+@pytest.mark.parametrize("compile", ["off", "on"])  # "on": the whole step compiled, the state fed to its graph
+def test_muon_run_resumes_bitwise(idx_dir, tmp_path, compile):
     model = ViTConfig(patch_size=7, dim=16, depth=1, heads=2, mlp_dim=32)
     recipe = TrainConfig(epochs=2, batch_size=32, optimizer="muon", lr=3e-3, muon_lr=0.02, weight_decay=0.05,
-                         schedule="cosine", dataset="idx", data_dir=str(idx_dir), precision="fp32", device="cpu")
+                         schedule="cosine", dataset="idx", data_dir=str(idx_dir), precision="fp32", device="cpu",
+                         compile=compile)
     quiet = lambda *a, **k: None  # noqa: E731
     straight = train(model, recipe, tmp_path / "straight", progress=False, log=quiet)
     train(model, recipe, tmp_path / "resumed", progress=False, stop_after_epoch=1, log=quiet)

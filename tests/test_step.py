@@ -90,17 +90,3 @@ def test_make_train_step_takes_the_whole_step_only_where_it_is_asked_for_and_can
     assert not isinstance(step_for(lambda params: torch.optim.AdamW(params, amsgrad=True)), WholeStep)
     assert TensorUpdate.supports(torch.optim.Adam(ViT(TINY).parameters(), fused=True))
 
-
-def test_a_compiled_whole_step_run_resumes_bitwise(idx_dir, tmp_path):
-    from safetensors.torch import load_file
-
-    from vitscope.train import train
-    recipe = TrainConfig(epochs=2, batch_size=32, optimizer="muon", lr=3e-3, muon_lr=0.02, weight_decay=0.05,
-                         schedule="cosine", dataset="idx", data_dir=str(idx_dir), precision="fp32", device="cpu",
-                         compile="on")
-    quiet = lambda *a, **k: None  # noqa: E731
-    straight = train(TINY, recipe, tmp_path / "straight", progress=False, log=quiet)
-    train(TINY, recipe, tmp_path / "resumed", progress=False, stop_after_epoch=1, log=quiet)
-    resumed = train(None, None, tmp_path / "resumed", resume=True, progress=False, log=quiet)
-    a, b = load_file(str(straight.weights_file)), load_file(str(resumed.weights_file))
-    assert all(torch.equal(a[k], b[k]) for k in a)
