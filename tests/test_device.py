@@ -84,3 +84,29 @@ def test_freed_memory_is_kept_on_glibc_unless_the_user_tuned_malloc(monkeypatch)
     assert device.keep_freed_memory() is glibc
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
     assert device.keep_freed_memory() is False
+
+
+def test_each_compiled_function_has_a_compile_cache_of_its_own():
+    from vitscope.device import CompiledOrEager, private_code
+
+    def scaled_by(k):
+        def scale(x):
+            return x * k  # k a constant to torch.compile: a graph per k
+        return CompiledOrEager(scale)
+
+    # One code object shared by both would make the second call a recompile of the first's graph.
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert scaled_by(2)(torch.ones(2)).tolist() == [2, 2]
+        assert scaled_by(3)(torch.ones(2)).tolist() == [3, 3]
+
+    class Holder:
+        def __init__(self, k):
+            self.k = k
+
+        def times(self, x, y=1):
+            return x * self.k * y
+
+    bound = Holder(5).times
+    copy = private_code(bound)
+    assert copy(2, y=3) == bound(2, y=3) == 30
+    assert copy.__func__.__code__ is not bound.__func__.__code__ and copy.__self__ is bound.__self__

@@ -8,6 +8,7 @@ import os
 import platform
 import shutil
 import sys
+import types
 import warnings
 from pathlib import Path
 
@@ -68,10 +69,15 @@ def autocast(device: torch.device, precision: str):
 class CompiledOrEager:
     """`fn` through torch.compile, which compiles on the first call and fails there if it cannot (no C++
     compiler, an unsupported platform): then a warning, and plain `fn` from then on (a real error in `fn`
-    raises again from the plain call)."""
+    raises again from the plain call).
+
+    Each instance compiles its own copy of `fn`'s code (`private_code`): torch.compile keeps its graphs per
+    code object, so the steps of two models built from one function would share them. Every call would then
+    check the other model's guards first, and past torch's recompile limit (8 models in one process) the
+    rest would run uncompiled."""
 
     def __init__(self, fn):
-        self.fn, self.call, self.untried = fn, torch.compile(fn), True
+        self.fn, self.call, self.untried = fn, torch.compile(private_code(fn)), True
 
     def __call__(self, *args, **kwargs):
         if not self.untried:
@@ -86,6 +92,18 @@ class CompiledOrEager:
                           "without it (set compile = \"off\" to skip the attempt)", stacklevel=2)
             self.call = self.fn
             return self.fn(*args, **kwargs)
+
+
+def private_code(fn):
+    """`fn` (a function, closure or bound method) with a code object of its own: the same code, defaults,
+    closure and `self`. Anything else comes back as it is."""
+    func = getattr(fn, "__func__", fn)
+    if not isinstance(func, types.FunctionType):
+        return fn
+    copy = types.FunctionType(func.__code__.replace(), func.__globals__, func.__name__, func.__defaults__,
+                              func.__closure__)
+    copy.__kwdefaults__, copy.__qualname__ = func.__kwdefaults__, func.__qualname__
+    return types.MethodType(copy, fn.__self__) if isinstance(fn, types.MethodType) else copy
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
