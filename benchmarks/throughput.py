@@ -9,7 +9,7 @@ in-memory images at the same batch size, and runs AdamW steps. Each is tried at 
 has the switch; eager or torch.compile'd when --compile, forward and loss as one graph for every
 implementation) and its best setting is its row. Images/s is the
 median over --windows timed windows after a warm-up; the windows go round all settings in turn, so the
-machine's drift in speed reaches every row alike. The vitscope row times `vitscope.train.make_train_step`,
+machine's drift in speed reaches every row alike (one untimed round goes first). The vitscope row times `vitscope.train.make_train_step`,
 the very step `vitscope train` runs (uint8 images in, normalised inside the step).
 
 Peers need torchvision (timm, vit-pytorch): run this in the environment benchmarks/setup_env.sh makes.
@@ -181,6 +181,11 @@ def main():
                 for impl in args.impl.split(",") for dtype in dtypes
                 for fused in ([True, False] if HAS_FUSED_SWITCH[impl] else [True]) for compiled in compiles]
     # Windows go round the settings in turn, so a shared machine's drift in speed reaches all of them alike.
+    # The first round is not timed: right after the setup, whichever setting ran first took a window 2-3x
+    # slower than its others (every vitscope setting, which come first, in full runs on the Zen 4 host).
+    for setting in settings:
+        time_window(setting, steps, device)
+        setting["rates"].clear()
     for _ in range(args.windows):
         for setting in settings:
             time_window(setting, steps, device)
