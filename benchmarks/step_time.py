@@ -9,8 +9,7 @@ fed one fixed batch of random uint8 images. After a warm-up (which compiles), ti
 steps go round the variants in turn, so the machine's drift in speed reaches all of them alike; the
 median window is reported, and the speedup over the first variant both as the ratio of medians and as the
 median of the windows' paired ratios. Precision is the preset's `--precision auto` choice unless
---precision says. Steps of one mode share their compiled code, so torch.compile checks the guards of each
-other's graphs too: to compare modes, time one last-block variant (`--last-block class`).
+--precision says.
 """
 from __future__ import annotations
 
