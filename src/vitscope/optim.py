@@ -157,8 +157,9 @@ class TensorUpdate:
             return True
         if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
             return False
-        return not any(group.get(flag) or torch.is_tensor(group["lr"]) for group in optimizer.param_groups
-                       for flag in ("amsgrad", "maximize", "differentiable", "capturable"))
+        unsupported = ("amsgrad", "maximize", "differentiable", "capturable")
+        return not any(torch.is_tensor(group["lr"]) or any(group.get(flag) for flag in unsupported)
+                       for group in optimizer.param_groups)
 
     def inputs(self) -> list[dict]:
         """Per param group: the positions of its parameters, its settings, its learning rate as a 0-d tensor
