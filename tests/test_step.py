@@ -62,8 +62,9 @@ def test_whole_step_follows_the_usual_step(optimizer, weight_decay, grad_clip, a
 
 
 def test_compiled_whole_step_moves_the_model_as_the_eager_one_with_one_graph_for_the_whole_schedule():
+    # Traced in this process (not loaded from a saved step: that one never recompiles, its guards would fail).
     recipe = TrainConfig(optimizer="muon", lr=3e-3, muon_lr=0.02, weight_decay=0.05, grad_clip=0.5, epochs=1,
-                         schedule="cosine", warmup_epochs=0.5, compile="on")
+                         schedule="cosine", warmup_epochs=0.5, compile="on", save_compiled_step=False)
     eager_model, _, eager_losses, _ = run_steps(TINY, recipe, "eager")
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="torch.compile failed")  # it really compiled
@@ -90,3 +91,55 @@ def test_make_train_step_takes_the_whole_step_only_where_it_is_asked_for_and_can
     assert not isinstance(step_for(lambda params: torch.optim.AdamW(params, amsgrad=True)), WholeStep)
     assert TensorUpdate.supports(torch.optim.Adam(ViT(TINY).parameters(), fused=True))
 
+
+
+def compiled_run(recipe: TrainConfig, model_config: ViTConfig = TINY, steps: int = 3):
+    """`steps` compiled steps on a fresh model: its parameters, the losses, and where the step's code came from."""
+    torch.manual_seed(0)
+    model = build_model(model_config)
+    optimizer = make_optimizer(model, recipe)
+    step = make_train_step(model, optimizer, make_scheduler(optimizer, recipe, steps), recipe, model_config, CPU,
+                           "fp32")
+    losses = torch.stack([step(images, labels)[0] for images, labels in batches(steps)])
+    return [p.detach().clone() for p in model.parameters()], losses, step.compiled.source
+
+
+def test_a_saved_compiled_step_is_loaded_by_the_next_one_and_moves_the_model_the_same(tmp_path, monkeypatch):
+    import vitscope.device as device
+
+    where = device.precompiled_path
+    monkeypatch.setattr(device, "precompiled_path", lambda *args: tmp_path / where(*args).name)
+    recipe = TrainConfig(optimizer="adamw", lr=3e-3, weight_decay=0.05, grad_clip=0.5, epochs=1, schedule="cosine",
+                         warmup_epochs=0.5, compile="on")
+    params, losses, source = compiled_run(recipe)
+    assert source == "saved" and len(list(tmp_path.iterdir())) == 1
+    again = compiled_run(recipe)
+    assert again[2] == "loaded"
+    assert torch.equal(again[1], losses) and all(torch.equal(p, q) for p, q in zip(again[0], params))
+    traced = compiled_run(TrainConfig(**{**recipe.__dict__, "save_compiled_step": False}))
+    assert traced[2] == "compiled"
+    torch.testing.assert_close(traced[1], losses, atol=1e-6, rtol=1e-6)
+
+    file, = tmp_path.iterdir()
+    file.write_bytes(b"not a compiled function")  # a damaged file is compiled anew and replaced
+    repaired = compiled_run(recipe)
+    assert repaired[2] == "saved" and torch.equal(repaired[1], losses)
+    assert compiled_run(recipe)[2] == "loaded"
+
+
+def test_what_a_compiled_step_depends_on_names_its_file():
+    from vitscope.device import precompiled_path
+
+    class Owner:
+        def step(self, x):
+            return x
+
+    method, x = Owner().step, torch.zeros(4, 3)
+    path = precompiled_path(method, "model A", (x,), {})
+    assert path == precompiled_path(Owner().step, "model A", (torch.ones(4, 3),), {})  # values do not matter
+    others = [precompiled_path(method, "model B", (x,), {}), precompiled_path(method, "model A", (x[:2],), {}),
+              precompiled_path(method, "model A", (x.double(),), {}), precompiled_path(method, "model A", (x.T,), {}),
+              precompiled_path(method, "model A", ([x],), {}), precompiled_path(method, "model A", (x,), {"k": 1})]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        others.append(precompiled_path(method, "model A", (x,), {}))
+    assert len({path, *others}) == len(others) + 1

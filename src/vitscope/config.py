@@ -91,6 +91,9 @@ class TrainConfig:
     # WholeStep), no autograd engine or optimizer loop in Python: ~1.2x faster at the `seed` preset's batch of
     # 64 (benchmarks/RESULTS.md). False: forward and loss compiled, backward and the update eager.
     compile_whole_step: bool = True
+    # With the whole step compiled: keep it on disk, beside torch's compile cache, and load it in later processes
+    # (device.precompiled): ~3 s less per `fast` process than tracing it again. False: trace in every process.
+    save_compiled_step: bool = True
     eval_batch_size: int = 1000
     tensorboard: bool = False
     # glibc's malloc keeps freed memory for the next step instead of returning it to the OS (device.

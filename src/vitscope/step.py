@@ -81,7 +81,9 @@ class WholeStep:
         named = list(model.named_parameters())
         self.names, self.params = [name for name, _ in named], [p for _, p in named]
         self.update = TensorUpdate(optimizer, self.params)
-        self.compiled = CompiledOrEager(self.step)
+        # What the compiled code reads from `self`, for the file of a saved step (device.precompiled).
+        reads = repr((model_config, config.grad_clip, config.label_smoothing, config.softmax_before_loss))
+        self.compiled = CompiledOrEager(self.step, saved_as=reads if config.save_compiled_step else None)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor):
         with autocast(self.device, self.precision):  # around the graph: see the class's docstring
