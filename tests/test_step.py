@@ -142,4 +142,6 @@ def test_what_a_compiled_step_depends_on_names_its_file():
               precompiled_path(method, "model A", ([x],), {}), precompiled_path(method, "model A", (x,), {"k": 1})]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         others.append(precompiled_path(method, "model A", (x,), {}))
+    with torch._inductor.config.patch(cpp_wrapper=True):
+        others.append(precompiled_path(method, "model A", (x,), {}))
     assert len({path, *others}) == len(others) + 1

@@ -116,8 +116,8 @@ def precompiled(method, saved_as: str, args: tuple, kwargs: dict):
     Loading skips what a warm compile cache still costs each process: dynamo traces the Python again (~4 s
     of the `fast` preset's step on the Zen 4 host; loading takes ~1.5 s). The file's name is a hash of all
     the compiled code may depend on: torch, Python, the CPU's vector ISA, vitscope's source, `saved_as`, the
-    arguments' structure (tensors' shapes, dtypes and devices; other values as they are) and the autocast
-    state. The function's own guards are checked too, before its first call and at every call after."""
+    arguments' structure (tensors' shapes, dtypes and devices; other values as they are), the autocast
+    state and inductor's settings. The function's own guards are checked too, before its first call and at every call after."""
     try:
         from torch._guards import TracingContext, tracing
 
@@ -147,11 +147,13 @@ def precompiled(method, saved_as: str, args: tuple, kwargs: dict):
 def precompiled_path(method, saved_as: str, args: tuple, kwargs: dict) -> Path:
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
+    from torch._inductor import config
+
     autocast_state = [(device, torch.is_autocast_enabled(device), str(torch.get_autocast_dtype(device)))
                       for device in ("cpu", "cuda")]
     key = json.dumps([torch.__version__, sys.version, platform.machine(), torch.backends.cpu.get_cpu_capability(),
                       _source_digest(), method.__qualname__, saved_as, _structure(args), _structure(kwargs),
-                      autocast_state])
+                      autocast_state, repr(sorted(config.save_config_portable().items()))])
     return Path(cache_dir()) / "vitscope-precompiled" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.bin"
 
 
