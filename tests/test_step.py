@@ -1,3 +1,4 @@
+import copy
 import warnings
 
 import pytest
@@ -125,6 +126,38 @@ def test_a_saved_compiled_step_is_loaded_by_the_next_one_and_moves_the_model_the
     repaired = compiled_run(recipe)
     assert repaired[2] == "saved" and torch.equal(repaired[1], losses)
     assert compiled_run(recipe)[2] == "loaded"
+
+
+def test_a_saved_step_checks_its_guards_again_when_its_fingerprint_changes_and_traces_where_they_fail(
+        tmp_path, monkeypatch):
+    import vitscope.device as device
+
+    where = device.precompiled_path
+    monkeypatch.setattr(device, "precompiled_path", lambda *args: tmp_path / where(*args).name)
+    recipe = TrainConfig(optimizer="adamw", lr=3e-3, epochs=1, compile="on")
+    torch.manual_seed(0)
+    model = build_model(TINY)
+    optimizer = make_optimizer(model, recipe)
+    step = make_train_step(model, optimizer, make_scheduler(optimizer, recipe, 10), recipe, TINY, CPU, "fp32")
+    (images, labels), = batches(1)
+    step(images, labels)
+    call = step.compiled.call
+    assert isinstance(call, device.GuardedOnChange)
+    checks = []
+    check = call.compiled.guard_check
+    monkeypatch.setattr(call.compiled, "guard_check", lambda *args: checks.append(1) or check(*args))
+    step(images, labels)
+    step(images, labels)
+    assert not checks  # the same fingerprint: no guards checked
+    optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # new state tensors, as from a checkpoint
+    step(images, labels)
+    step(images, labels)
+    assert len(checks) == 1
+    traced = []
+    monkeypatch.setattr(call, "fallback", lambda *args: traced.append(1) or (torch.tensor(0.0), torch.tensor(0)))
+    model.eval()  # a mode the saved step was not compiled for: its guards fail, and the usual path runs
+    step(images, labels)
+    assert len(checks) == 2 and traced == [1]
 
 
 def test_what_a_compiled_step_depends_on_names_its_file():

@@ -85,7 +85,8 @@ class WholeStep:
         self.update = TensorUpdate(optimizer, self.params)
         # What the compiled code reads from `self`, for the file of a saved step (device.precompiled).
         reads = repr((model_config, config.grad_clip, config.label_smoothing, config.softmax_before_loss))
-        self.compiled = CompiledOrEager(self.step, saved_as=reads if config.save_compiled_step else None)
+        self.compiled = CompiledOrEager(self.step, saved_as=reads if config.save_compiled_step else None,
+                                        fingerprint=self.fingerprint)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor):
         with autocast(self.device, self.precision):  # around the graph: see the class's docstring
@@ -94,6 +95,24 @@ class WholeStep:
         self.optimizer._opt_called = True
         self.scheduler.step()
         return loss, hits
+
+    def fingerprint(self, params: list[torch.Tensor], update_inputs: list[dict], images: torch.Tensor,
+                    labels: torch.Tensor) -> tuple:
+        """What the compiled step's guards check that could change from one call to the next: the mode and
+        global state, the batch's shape, dtype and device, every tensor's shape and dtype, the state tensors'
+        identities (`load_state_dict` replaces them) and the optimizer's settings. A loaded step checks its
+        guards again only when this changes (`device.GuardedOnChange`)."""
+        parts = [self.model.training, torch.is_grad_enabled(), torch.is_autocast_enabled(self.device.type),
+                 torch.get_autocast_dtype(self.device.type)]
+        parts += [(t.shape, t.dtype, t.device, t.requires_grad) for t in (*params, images, labels)]
+        for item in update_inputs:
+            for key, value in item.items():
+                if isinstance(value, list):
+                    parts.append((key, *((id(v), v.shape, v.dtype, v.device) if torch.is_tensor(v) else v
+                                          for v in value)))
+                else:
+                    parts.append((key, (value.shape, value.dtype) if torch.is_tensor(value) else value))
+        return tuple(parts)
 
     def step(self, params: list[torch.Tensor], update_inputs: list[dict], images: torch.Tensor, labels: torch.Tensor):
         grads, (loss, hits) = torch.func.grad(self.loss, has_aux=True)(params, images, labels)
