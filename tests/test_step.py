@@ -158,6 +158,9 @@ def test_a_saved_step_checks_its_guards_again_when_its_fingerprint_changes_and_t
     model.eval()  # a mode the saved step was not compiled for: its guards fail, and the usual path runs
     step(images, labels)
     assert len(checks) == 2 and traced == [1]
+    model.train()
+    step(images.mT.contiguous().mT, labels)  # the same shape, other strides: as the compiled code must not run
+    assert len(checks) == 3 and traced == [1, 1]
 
 
 def test_what_a_compiled_step_depends_on_names_its_file():

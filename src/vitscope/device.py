@@ -138,7 +138,7 @@ def precompiled(method, saved_as: str, args: tuple, kwargs: dict):
     argument; `GuardedOnChange` calls it.
 
     Loading skips what a warm compile cache still costs each process: dynamo traces the Python again (~4 s
-    of the `fast` preset's step on the Zen 4 host; loading takes ~1.5 s). The file's name is a hash of all
+    of the `fast` preset's step on the Zen 4 host; loading it takes ~1 s). The file's name is a hash of all
     the compiled code may depend on: torch, Python, the CPU's vector ISA, vitscope's source, `saved_as`, the
     arguments' structure (tensors' shapes, dtypes and devices; other values as they are), the autocast
     state and inductor's settings. The function's own guards are checked too (`GuardedOnChange`)."""

@@ -99,12 +99,12 @@ class WholeStep:
     def fingerprint(self, params: list[torch.Tensor], update_inputs: list[dict], images: torch.Tensor,
                     labels: torch.Tensor) -> tuple:
         """What the compiled step's guards check that could change from one call to the next: the mode and
-        global state, the batch's shape, dtype and device, every tensor's shape and dtype, the state tensors'
-        identities (`load_state_dict` replaces them) and the optimizer's settings. A loaded step checks its
-        guards again only when this changes (`device.GuardedOnChange`)."""
+        global state, the batch's shape, strides, dtype and device, every parameter's too, the state tensors'
+        shapes and identities (`load_state_dict` replaces them) and the optimizer's settings. A loaded step
+        checks its guards again only when this changes (`device.GuardedOnChange`)."""
         parts = [self.model.training, torch.is_grad_enabled(), torch.is_autocast_enabled(self.device.type),
                  torch.get_autocast_dtype(self.device.type)]
-        parts += [(t.shape, t.dtype, t.device, t.requires_grad) for t in (*params, images, labels)]
+        parts += [(t.shape, t.stride(), t.dtype, t.device, t.requires_grad) for t in (*params, images, labels)]
         for item in update_inputs:
             for key, value in item.items():
                 if isinstance(value, list):
