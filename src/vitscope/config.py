@@ -84,8 +84,9 @@ class TrainConfig:
     precision: str = "auto"  # auto, fp32, bf16
     threads: int | None = None  # torch intra-op threads; None = torch's default
     # torch.compile the training step (see compile_whole_step): "on", "off", or "auto" = on where it pays, for
-    # runs of at least COMPILE_MIN_STEPS steps on a CPU or CUDA device (compiling costs ~4 s with a warm cache,
-    # ~70 s cold on a 2-core CPU; a compiled `fast` step is ~1.3x faster). true / false: on / off.
+    # runs of at least COMPILE_MIN_STEPS steps on a CPU or CUDA device (compiling costs ~70 s cold on a 2-core
+    # CPU, ~1 s to load a saved step, ~4 s to trace one with a warm cache; a compiled `fast` step is ~1.3x
+    # faster). true / false: on / off.
     compile: str | bool = "auto"
     # With compile on: forward, backward, clipping and the optimizer's update as one graph (vitscope.step.
     # WholeStep), no autograd engine or optimizer loop in Python: ~1.2x faster at the `seed` preset's batch of
