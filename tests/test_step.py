@@ -93,7 +93,6 @@ def test_make_train_step_takes_the_whole_step_only_where_it_is_asked_for_and_can
     assert TensorUpdate.supports(torch.optim.Adam(ViT(TINY).parameters(), fused=True))
 
 
-
 def compiled_run(recipe: TrainConfig, model_config: ViTConfig = TINY, steps: int = 3):
     """`steps` compiled steps on a fresh model: its parameters, the losses, and where the step's code came from."""
     torch.manual_seed(0)
@@ -159,7 +158,7 @@ def test_a_saved_step_checks_its_guards_again_when_its_fingerprint_changes_and_t
     step(images, labels)
     assert len(checks) == 2 and traced == [1]
     model.train()
-    step(images.mT.contiguous().mT, labels)  # the same shape, other strides: as the compiled code must not run
+    step(images.mT.contiguous().mT, labels)  # the same shape, other strides: checked, and not the compiled call
     assert len(checks) == 3 and traced == [1, 1]
 
 
