@@ -104,15 +104,21 @@ def compiled_run(recipe: TrainConfig, model_config: ViTConfig = TINY, steps: int
     return [p.detach().clone() for p in model.parameters()], losses, step.compiled.source
 
 
-def test_a_saved_compiled_step_is_loaded_by_the_next_one_and_moves_the_model_the_same(tmp_path, monkeypatch):
+@pytest.fixture
+def saved_steps(tmp_path, monkeypatch):
+    """Saved steps go to a folder of the test's own (under their usual names), which it returns."""
     import vitscope.device as device
 
     where = device.precompiled_path
     monkeypatch.setattr(device, "precompiled_path", lambda *args: tmp_path / where(*args).name)
+    return tmp_path
+
+
+def test_a_saved_compiled_step_is_loaded_by_the_next_one_and_moves_the_model_the_same(saved_steps):
     recipe = TrainConfig(optimizer="adamw", lr=3e-3, weight_decay=0.05, grad_clip=0.5, epochs=1, schedule="cosine",
                          warmup_epochs=0.5, compile="on")
     params, losses, source = compiled_run(recipe)
-    assert source == "saved" and len(list(tmp_path.iterdir())) == 1
+    assert source == "saved" and len(list(saved_steps.iterdir())) == 1
     again = compiled_run(recipe)
     assert again[2] == "loaded"
     assert torch.equal(again[1], losses) and all(torch.equal(p, q) for p, q in zip(again[0], params))
@@ -120,7 +126,7 @@ def test_a_saved_compiled_step_is_loaded_by_the_next_one_and_moves_the_model_the
     assert traced[2] == "compiled"
     torch.testing.assert_close(traced[1], losses, atol=1e-6, rtol=1e-6)
 
-    file, = tmp_path.iterdir()
+    file, = saved_steps.iterdir()
     file.write_bytes(b"not a compiled function")  # a damaged file is compiled anew and replaced
     repaired = compiled_run(recipe)
     assert repaired[2] == "saved" and torch.equal(repaired[1], losses)
@@ -128,11 +134,9 @@ def test_a_saved_compiled_step_is_loaded_by_the_next_one_and_moves_the_model_the
 
 
 def test_a_saved_step_checks_its_guards_again_when_its_fingerprint_changes_and_traces_where_they_fail(
-        tmp_path, monkeypatch):
+        saved_steps, monkeypatch):
     import vitscope.device as device
 
-    where = device.precompiled_path
-    monkeypatch.setattr(device, "precompiled_path", lambda *args: tmp_path / where(*args).name)
     recipe = TrainConfig(optimizer="adamw", lr=3e-3, epochs=1, compile="on")
     torch.manual_seed(0)
     model = build_model(TINY)
