@@ -96,13 +96,13 @@ def peer_step(model, optimizer, dtype: str, compiled: bool, device: torch.device
     return step
 
 
-def vitscope_step(model, size: dict, dtype: str, compiled: bool, device: torch.device):
-    from vitscope import TrainConfig, ViTConfig
+def vitscope_step(model, dtype: str, compiled: bool, device: torch.device):
+    from vitscope import TrainConfig
     from vitscope.train import make_optimizer, make_scheduler, make_train_step
     config = TrainConfig(optimizer="adamw", lr=1e-3, precision=dtype, compile=compiled)
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config, steps_per_epoch=10**6)
-    return make_train_step(model, optimizer, scheduler, config, ViTConfig(**size), device, dtype)
+    return make_train_step(model, optimizer, scheduler, config, model.config, device, dtype)
 
 
 def prepare(impl: str, size_name: str, batch: int, dtype: str, fused: bool, compiled: bool, warmup: int,
@@ -113,7 +113,7 @@ def prepare(impl: str, size_name: str, batch: int, dtype: str, fused: bool, comp
     model = BUILDERS[impl](size, fused).train().to(device)
     labels = torch.randint(0, 10, (batch,), device=device)
     if impl == "vitscope":
-        step = vitscope_step(model, size, dtype, compiled, device)
+        step = vitscope_step(model, dtype, compiled, device)
         images = torch.randint(0, 256, (batch, 28, 28), dtype=torch.uint8, device=device)
     else:
         step = peer_step(model, torch.optim.AdamW(model.parameters(), lr=1e-3), dtype, compiled, device)

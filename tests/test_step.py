@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 import warnings
 
 import pytest
@@ -164,6 +165,17 @@ def test_a_saved_step_checks_its_guards_again_when_its_fingerprint_changes_and_t
     model.train()
     step(images.mT.contiguous().mT, labels)  # the same shape, other strides: checked, and not the compiled call
     assert len(checks) == 3 and traced == [1, 1]
+
+
+def test_a_saved_step_is_named_by_the_model_it_runs_not_only_by_the_config_it_is_given():
+    recipe = TrainConfig(optimizer="adamw", compile="on")
+    names = set()
+    for attention in ("fused", "explicit"):  # the caller passes the same ViTConfig for both models
+        model = build_model(dataclasses.replace(TINY, attention=attention))
+        optimizer = make_optimizer(model, recipe)
+        step = WholeStep(model, optimizer, make_scheduler(optimizer, recipe, 10), recipe, TINY, CPU, "fp32")
+        names.add(step.compiled.saved_as)
+    assert len(names) == 2
 
 
 def test_what_a_compiled_step_depends_on_names_its_file():

@@ -83,8 +83,10 @@ class WholeStep:
         named = list(model.named_parameters())
         self.names, self.params = [name for name, _ in named], [p for _, p in named]
         self.update = TensorUpdate(optimizer, self.params)
-        # What the compiled code reads from `self`, for the file of a saved step (device.precompiled).
-        reads = repr((model_config, config.grad_clip, config.label_smoothing, config.softmax_before_loss))
+        # What the compiled code reads from `self`, for the file of a saved step (device.precompiled): the model's
+        # class and its own config (`model_config` is the caller's word for it, and supplies the normalisation).
+        reads = repr((type(model).__qualname__, getattr(model, "config", None), model_config, config.grad_clip,
+                      config.label_smoothing, config.softmax_before_loss))
         self.compiled = CompiledOrEager(self.step, saved_as=reads if config.save_compiled_step else None,
                                         fingerprint=self.fingerprint)
 
