@@ -1,5 +1,6 @@
 import copy
 import dataclasses
+import os
 import warnings
 
 import pytest
@@ -102,7 +103,7 @@ def compiled_run(recipe: TrainConfig, model_config: ViTConfig = TINY, steps: int
     step = make_train_step(model, optimizer, make_scheduler(optimizer, recipe, steps), recipe, model_config, CPU,
                            "fp32")
     losses = torch.stack([step(images, labels)[0] for images, labels in batches(steps)])
-    return [p.detach().clone() for p in model.parameters()], losses, step.compiled.source
+    return [p.detach().clone() for p in model.parameters()], losses, step.compiled.source, step.compiled.describe()
 
 
 @pytest.fixture
@@ -118,16 +119,18 @@ def saved_steps(tmp_path, monkeypatch):
 def test_a_saved_compiled_step_is_loaded_by_the_next_one_and_moves_the_model_the_same(saved_steps):
     recipe = TrainConfig(optimizer="adamw", lr=3e-3, weight_decay=0.05, grad_clip=0.5, epochs=1, schedule="cosine",
                          warmup_epochs=0.5, compile="on")
-    params, losses, source = compiled_run(recipe)
-    assert source == "saved" and len(list(saved_steps.iterdir())) == 1
+    params, losses, source, said = compiled_run(recipe)
+    assert source == "saved" and len(list(saved_steps.iterdir())) == 1 and "saved" in said
+    file, = saved_steps.iterdir()
+    os.utime(file, (0, 0))
     again = compiled_run(recipe)
-    assert again[2] == "loaded"
+    assert again[2] == "loaded" and file.stat().st_mtime > 0  # marked as used: pruned last
+    assert again[3].startswith("compiled step loaded")
     assert torch.equal(again[1], losses) and all(torch.equal(p, q) for p, q in zip(again[0], params))
     traced = compiled_run(TrainConfig(**{**recipe.__dict__, "save_compiled_step": False}))
     assert traced[2] == "compiled"
     torch.testing.assert_close(traced[1], losses, atol=1e-6, rtol=1e-6)
 
-    file, = saved_steps.iterdir()
     file.write_bytes(b"not a compiled function")  # a damaged file is compiled anew and replaced
     repaired = compiled_run(recipe)
     assert repaired[2] == "saved" and torch.equal(repaired[1], losses)
@@ -176,6 +179,18 @@ def test_a_saved_step_is_named_by_the_model_it_runs_not_only_by_the_config_it_is
         step = WholeStep(model, optimizer, make_scheduler(optimizer, recipe, 10), recipe, TINY, CPU, "fp32")
         names.add(step.compiled.saved_as)
     assert len(names) == 2
+
+
+def test_only_the_most_recently_used_saved_steps_are_kept(tmp_path):
+    from vitscope.device import prune_saved
+
+    for age in range(6):
+        file = tmp_path / f"{age}.bin"
+        file.write_bytes(b"step")
+        os.utime(file, (1e9 - age, 1e9 - age))
+    (tmp_path / "other.txt").write_text("not a saved step")
+    prune_saved(tmp_path, keep=4)
+    assert sorted(file.name for file in tmp_path.iterdir()) == ["0.bin", "1.bin", "2.bin", "3.bin", "other.txt"]
 
 
 def test_what_a_compiled_step_depends_on_names_its_file():

@@ -216,6 +216,7 @@ def test_a_failing_torch_compile_warns_and_trains_on_uncompiled(monkeypatch, opt
     assert torch.isfinite(loss)
     assert all(not torch.equal(before[name], p) for name, p in model.named_parameters()), "every parameter steps"
     step(images, labels)  # and on, without trying again
+    assert step.compiled.source == "eager" and "uncompiled" in step.compiled.describe()  # as the log says it
 
 
 @pytest.mark.parametrize("keep", [True, False])

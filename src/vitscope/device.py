@@ -9,6 +9,7 @@ import os
 import platform
 import shutil
 import sys
+import time
 import types
 import warnings
 from pathlib import Path
@@ -87,11 +88,28 @@ class CompiledOrEager:
     def __init__(self, fn, saved_as: str | None = None, fingerprint=None):
         self.fn, self.call, self.untried = fn, torch.compile(private_code(fn)), True
         self.saved_as, self.source, self.fingerprint = saved_as, None, fingerprint
+        self.first_call_seconds = None
 
     def __call__(self, *args, **kwargs):
         if not self.untried:
             return self.call(*args, **kwargs)
         self.untried = False
+        start = time.perf_counter()
+        try:
+            return self._first_call(*args, **kwargs)
+        finally:
+            self.first_call_seconds = time.perf_counter() - start
+
+    def describe(self) -> str:
+        """Where the compiled code came from and what its first call cost, in words for the training log."""
+        seconds = f"{self.first_call_seconds:.1f} s" if self.first_call_seconds is not None else "?"
+        return {"loaded": f"compiled step loaded from the compile cache ({seconds}, first call)",
+                "saved": f"step compiled in {seconds} and saved: later runs of this config load it",
+                "compiled": f"step compiled in {seconds} (the first call's tracing and compilation)",
+                "eager": "torch.compile failed: the step runs uncompiled",
+                None: "step not called yet"}[self.source]
+
+    def _first_call(self, *args, **kwargs):
         reuse_vec_isa_probe()
         if self.saved_as is not None:
             found = precompiled(self.fn, self.saved_as, args, kwargs)
@@ -154,6 +172,7 @@ def precompiled(method, saved_as: str, args: tuple, kwargs: dict):
                 with tracing(TracingContext(None)), path.open("rb") as file:
                     loaded = torch.compiler.load_compiled_function(file, external_data=external)
                 if loaded.guard_check(owner, *args, **kwargs):
+                    os.utime(path)  # used now: the last to be pruned
                     return loaded, "loaded"
             except Exception:
                 pass  # compiled anew below, and the file replaced
@@ -161,6 +180,7 @@ def precompiled(method, saved_as: str, args: tuple, kwargs: dict):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             compiled.save_compiled_function(str(path), external_data=external)  # written whole, then renamed
+            prune_saved(path.parent)
         except Exception:
             pass  # still compiled, for this process
         return compiled, "saved"
@@ -178,6 +198,22 @@ def precompiled_path(method, saved_as: str, args: tuple, kwargs: dict) -> Path:
                       _source_digest(), method.__qualname__, saved_as, _structure(args), _structure(kwargs),
                       autocast_state, repr(sorted(config.save_config_portable().items()))])
     return Path(cache_dir()) / "vitscope-precompiled" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.bin"
+
+
+KEEP_SAVED = 32  # saved steps kept in the compile cache's folder (1.7-3.5 MB each at the presets' sizes)
+
+
+def prune_saved(folder: Path, keep: int = KEEP_SAVED) -> None:
+    """Delete all but the `keep` most recently saved or loaded steps in `folder`: each vitscope version,
+    config and batch shape saves its own, and nothing else would ever remove the old ones."""
+    def last_used(file: Path) -> float:
+        try:
+            return file.stat().st_mtime
+        except OSError:  # another process pruned it first
+            return 0.0
+
+    for file in sorted(folder.glob("*.bin"), key=last_used, reverse=True)[keep:]:
+        file.unlink(missing_ok=True)
 
 
 def _structure(value):

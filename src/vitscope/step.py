@@ -58,6 +58,7 @@ def make_train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sc
         scheduler.step()
         return loss.detach(), hits
 
+    train_step.compiled = forward_and_loss if config.compile == "on" else None
     return train_step
 
 
