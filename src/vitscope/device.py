@@ -103,7 +103,7 @@ class CompiledOrEager:
     def describe(self) -> str:
         """Where the compiled code came from and what its first call cost, in words for the training log."""
         seconds = f"{self.first_call_seconds:.1f} s" if self.first_call_seconds is not None else "?"
-        return {"loaded": f"compiled step loaded from the compile cache ({seconds}, first call)",
+        return {"loaded": f"compiled step loaded from the compile cache; its first call took {seconds}",
                 "saved": f"step compiled in {seconds} and saved: later runs of this config load it",
                 "compiled": f"step compiled in {seconds} (the first call's tracing and compilation)",
                 "eager": "torch.compile failed: the step runs uncompiled",
