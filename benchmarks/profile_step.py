@@ -74,7 +74,7 @@ def main() -> None:
             step(images, labels)
     rows = sorted(((event.key, event.self_cpu_time_total / args.steps / 1e3, event.count / args.steps)
                    for event in prof.key_averages()), key=lambda row: -row[1])
-    kernels = sum(ms for name, ms, _ in rows if name.startswith("graph_"))
+    kernels = sum(ms for key, ms, _ in rows if key.startswith("graph_"))
     print(f"{name}, batch {batch}, {precision}, {cpu_name()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}: {unprofiled:.2f} ms per step unprofiled; profiled, all rows "
           f"{sum(ms for _, ms, _ in rows):.2f} ms, of which inductor's kernels {kernels:.2f} ms")

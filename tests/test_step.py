@@ -96,7 +96,8 @@ def test_make_train_step_takes_the_whole_step_only_where_it_is_asked_for_and_can
 
 
 def compiled_run(recipe: TrainConfig, model_config: ViTConfig = TINY, steps: int = 3):
-    """`steps` compiled steps on a fresh model: its parameters, the losses, and where the step's code came from."""
+    """`steps` compiled steps on a fresh model: its parameters, the losses, where the step's code came from, and
+    what the training log says of it."""
     torch.manual_seed(0)
     model = build_model(model_config)
     optimizer = make_optimizer(model, recipe)

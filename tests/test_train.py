@@ -192,6 +192,23 @@ def test_a_short_run_says_it_trains_eager_and_records_it(idx_dir, tmp_path):
     assert json.loads(run.config_file.read_text())["compiled"] is False
 
 
+def test_the_log_says_once_where_the_compiled_step_came_from(monkeypatch, idx_dir, tmp_path):
+    import vitscope.train as train_module
+    make_step = train_module.make_train_step
+
+    def described(*args, **kwargs):
+        step = make_step(*args, **kwargs)  # compile is off in this short run: the eager step, stood in for
+        step.compiled = type("Compiled", (), {"describe": lambda self: "compiled step loaded (test)"})()
+        return step
+
+    monkeypatch.setattr(train_module, "make_train_step", described)
+    lines = []
+    train(TINY, tiny_recipe(idx_dir, epochs=2), tmp_path / "run", progress=False, log=lines.append)
+    assert lines.count("compiled step loaded (test)") == 1  # after the first epoch only
+    assert lines.index("compiled step loaded (test)") < next(i for i, line in enumerate(lines)
+                                                            if line.startswith("epoch   1/2"))
+
+
 @pytest.mark.parametrize("whole_step", [True, False])  # the whole step as one graph, or forward and loss
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])  # Muon compiles its update too
 def test_a_failing_torch_compile_warns_and_trains_on_uncompiled(monkeypatch, optimizer, whole_step):

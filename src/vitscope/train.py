@@ -230,9 +230,8 @@ def train(model_config: ViTConfig | None, train_config: TrainConfig | None, out:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         bar.close()
-        compiled = getattr(train_step, "compiled", None)
-        if epoch == start_epoch and compiled is not None:
-            log(compiled.describe())  # why this process's first epoch took longer, or did not
+        if epoch == start_epoch and train_step.compiled is not None:
+            log(train_step.compiled.describe())  # why this process's first epoch took longer, or did not
         lr = optimizer.param_groups[0]["lr"]  # where the schedule stands at the end of the epoch
         # The last epoch is evaluated in fp32 whatever the training precision, so the final row of metrics.jsonl
         # and `vitscope eval` agree; the epochs before it in the training precision (bf16 halves the cost of
