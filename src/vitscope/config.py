@@ -26,7 +26,9 @@ class ViTConfig:
     dropout: float = 0.0
     architecture: str = "vit"  # "vit" (the paper's) or "blog" (the seed blog's, quirks kept)
     # "fused" = F.scaled_dot_product_attention, "explicit" = softmax(QK^T / sqrt(d)) V as three ops,
-    # "auto" = fused on GPUs, explicit on CPUs, where it measured as fast or faster (benchmarks/RESULTS.md).
+    # "kernel" = vitscope's CPU kernel (cpu_attention.py; built on first use with the machine's C++ compiler),
+    # "auto" = fused on GPUs; on CPUs the kernel at head sizes up to 8, explicit above: what measured fastest
+    # (benchmarks/RESULTS.md). Explicit wherever the kernel cannot be built.
     attention: str = "auto"
     # Standard deviation of the position embeddings at initialisation. timm and the paper use 0.02; at 16
     # tokens a larger one lets the class token tell patches apart from the first step (fast preset: 1.0).
@@ -44,8 +46,8 @@ class ViTConfig:
         return (self.image_size // self.patch_size) ** 2
 
     def validate(self) -> None:
-        if self.attention not in ("auto", "fused", "explicit"):
-            raise VitscopeError(f"attention must be auto, fused or explicit, not {self.attention!r}")
+        if self.attention not in ("auto", "fused", "explicit", "kernel"):
+            raise VitscopeError(f"attention must be auto, fused, explicit or kernel, not {self.attention!r}")
         if self.architecture not in ("vit", "blog"):
             raise VitscopeError(f"unknown architecture {self.architecture!r}: choose vit or blog")
         if self.image_size % self.patch_size:

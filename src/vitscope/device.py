@@ -232,7 +232,8 @@ def _structure(value):
 def _source_digest() -> str:
     """A hash of vitscope's own source files: a changed model or step must never load an old graph."""
     digest = hashlib.sha256()
-    for file in sorted(Path(__file__).parent.glob("*.py")):
+    package = Path(__file__).parent
+    for file in sorted(package.glob("*.py")) + sorted(package.glob("kernels/*.cpp")):
         digest.update(file.name.encode() + b"\0" + file.read_bytes())
     return digest.hexdigest()
 

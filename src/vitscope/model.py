@@ -7,10 +7,13 @@ Parameter names and shapes follow timm's VisionTransformer (`patch_embed.proj`, 
 from __future__ import annotations
 
 
+import warnings
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import cpu_attention
 from .config import ViTConfig
 
 
@@ -30,14 +33,26 @@ class PatchEmbed(nn.Module):
         return F.linear(patches.reshape(B, -1, C * P * P), self.proj.weight.flatten(1), self.proj.bias)  # (B, N, D)
 
 
+# Largest head size at which "auto" attention on a CPU runs cpu_attention's kernel. Compiled whole `seed`
+# step (head size 8, 17 tokens), batch 256, Zen 4: 1.19x as fast in bf16 and 1.12x in fp32 with it; `fast`
+# (head size 16): 0.95x, so it keeps the explicit form (benchmarks/RESULTS.md).
+KERNEL_HEAD_DIM_MAX = 8
+
 # Head sizes below which the class-token-only attention runs with the heads as rows (Attention, explicit form).
 HEADS_AS_ROWS_BELOW = 16
 
 
+def _exporting() -> bool:
+    """torch.export, ONNX or TorchScript tracing: the graph must hold standard ops only."""
+    return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+
+
 class Attention(nn.Module):
     """Multi-head self-attention. `implementation` "fused" uses F.scaled_dot_product_attention, "explicit"
-    the three ops softmax(QK^T * scale) V, "auto" fused on GPUs and explicit on CPUs (at these sizes the
-    CPU flash kernel is slower than three small matmuls). Explicit whenever the weights are asked for.
+    the three ops softmax(QK^T * scale) V, "kernel" vitscope's own CPU kernel (cpu_attention), "auto" fused
+    on GPUs and on CPUs the kernel at head sizes up to KERNEL_HEAD_DIM_MAX, explicit above (at these sizes
+    the CPU flash kernel is slower than three small matmuls). Explicit whenever the weights are asked for,
+    and while exporting (the kernel is not a standard op); explicit too where the kernel cannot be built.
 
     `scale` defaults to 1/sqrt(head_dim), as in the paper; the blog model overrides it.
     """
@@ -51,6 +66,11 @@ class Attention(nn.Module):
         self.head_dim = dim // heads
         self.scale = scale if scale is not None else self.head_dim ** -0.5
         self.implementation = implementation
+        wanted = implementation == "kernel" or (implementation == "auto" and self.head_dim <= KERNEL_HEAD_DIM_MAX)
+        self.kernel = wanted and cpu_attention.available()  # on a CPU, for fp32 and bf16 (`supports`)
+        if implementation == "kernel" and not self.kernel:
+            warnings.warn("attention = \"kernel\" was asked for, but the kernel could not be built here "
+                          f"({cpu_attention.unavailable_reason()}): attention runs in the explicit form", stacklevel=2)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
@@ -70,7 +90,10 @@ class Attention(nn.Module):
             q = q.reshape(B, 1, H, d).transpose(1, 2)
             k, v = kv.reshape(B, T, 2, H, d).permute(2, 0, 3, 1, 4)
         else:
-            q, k, v = self.qkv(x).reshape(B, T, 3, H, d).permute(2, 0, 3, 1, 4)  # each (B, H, T, d)
+            qkv = self.qkv(x)
+            if self.kernel and not return_attention and cpu_attention.supports(qkv) and not _exporting():
+                return self.proj(cpu_attention.multi_head_attention(qkv, H, self.scale)), None
+            q, k, v = qkv.reshape(B, T, 3, H, d).permute(2, 0, 3, 1, 4)  # each (B, H, T, d)
         if fused and not return_attention:
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
             attention = None

@@ -1,0 +1,294 @@
+// Multi-head self-attention on a CPU for the small shapes of an MNIST ViT: softmax(Q K^T * scale) V, forward
+// and backward, one (image, head) pair at a time with all of its tokens in fp32 scratch, OpenMP over pairs.
+//
+// At these sizes (17 tokens of head size 8 at the seed size) a step spends more time in attention than in
+// anything else: ATen's batched matmuls run 1024 matmuls of 17x17x8 each at ~25 GFLOP/s, and softmax and the
+// q/k/v layouts are three more passes over memory. Here the scores never leave the cache and q, k and v are
+// read where the qkv projection wrote them, (B, T, 3, H, d); the output is written as (B, T, H, d), the
+// layout the output projection reads. The backward recomputes the probabilities from the saved log-sum-exp
+// (as flash attention does) and writes the gradient of the whole qkv tensor in its own layout.
+//
+// Plain C++ with no torch headers, so it compiles in about a second; vitscope/cpu_attention.py builds it with
+// -O3 -march=native -fopenmp (the OpenMP runtime is the one torch has already loaded) and calls it through
+// ctypes. Storage is fp32 or bf16 (as uint16_t); arithmetic is fp32 either way.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+inline float load(const float* p) { return *p; }
+inline float load(const uint16_t* p) {
+    uint32_t bits = uint32_t(*p) << 16;
+    float value;
+    std::memcpy(&value, &bits, sizeof value);
+    return value;
+}
+inline void store(float* p, float value) { *p = value; }
+inline void store(uint16_t* p, float value) {  // round to nearest even, as torch rounds fp32 to bf16
+    uint32_t bits;
+    std::memcpy(&bits, &value, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) {  // NaN stays a (quiet) NaN
+        *p = uint16_t((bits >> 16) | 0x40u);
+        return;
+    }
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    *p = uint16_t(bits >> 16);
+}
+
+// exp(x) for the x <= 0 of a softmax after its maximum is subtracted: 2^n * 2^f with n = round(x log2 e) and a
+// degree-6 polynomial for 2^f on [-1/2, 1/2] (relative error ~2e-7). Written so that a loop over it
+// vectorises: no calls, no branches. Below -87 it returns exp(-87) ~ 1.6e-38, not 0.
+inline float exp_nonpositive(float x) {
+    x = std::max(x, -87.0f);
+    const float t = x * 1.4426950408889634f;
+    const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23 trick)
+    const float f = (t - n) * 0.6931471805599453f;     // (t - n) ln 2, in [-0.35, 0.35]
+    float p = 1.0f / 720.0f;
+    p = p * f + 1.0f / 120.0f;
+    p = p * f + 1.0f / 24.0f;
+    p = p * f + 1.0f / 6.0f;
+    p = p * f + 0.5f;
+    p = p * f + 1.0f;
+    p = p * f + 1.0f;
+    const int32_t bits = (int32_t(n) + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+// Sixteen images' tokens for one head at a time, each image a lane of the vectors: every step of the
+// attention of one (image, head) pair becomes a 16-wide vector operation, with no horizontal sums and no
+// loop remainders at the odd token counts (17, 50) these models have. Arrays are [token][channel][lane].
+constexpr int64_t L = 16;
+
+struct Group {  // which images and head a block of lanes holds
+    int64_t b0, lanes, h;
+};
+
+inline Group group_of(int64_t g, int64_t batch, int64_t heads) {
+    const int64_t blocks = (batch + L - 1) / L;
+    const int64_t b0 = (g % blocks) * L;
+    return {b0, std::min(L, batch - b0), g / blocks};
+}
+
+// x[i][c][l] = rows[b0 + l][i][offset + c] * scale, zeros in the lanes past the batch's end
+template <typename T, int DC>
+void gather(const T* rows, int64_t n, int64_t row_stride, int64_t offset, int64_t d_rt, float scale,
+            const Group& g, float* x) {
+    const int64_t d = DC ? DC : d_rt;
+    if (g.lanes < L) {
+        std::fill(x, x + n * d * L, 0.0f);
+        for (int64_t l = 0; l < g.lanes; ++l) {
+            const T* r = rows + (g.b0 + l) * n * row_stride + offset;
+            for (int64_t i = 0; i < n; ++i)
+                for (int64_t c = 0; c < d; ++c) x[(i * d + c) * L + l] = load(r + i * row_stride + c) * scale;
+        }
+        return;
+    }
+    const T* r = rows + g.b0 * n * row_stride + offset;
+    const int64_t lane_stride = n * row_stride;
+    for (int64_t i = 0; i < n; ++i)
+        for (int64_t c = 0; c < d; ++c) {
+            float* xic = x + (i * d + c) * L;
+            const T* ric = r + i * row_stride + c;
+#pragma omp simd
+            for (int64_t l = 0; l < L; ++l) xic[l] = load(ric + l * lane_stride) * scale;
+        }
+}
+
+template <typename T, int DC>
+void scatter(const float* x, int64_t n, int64_t row_stride, int64_t offset, int64_t d_rt, float scale,
+             const Group& g, T* rows) {
+    const int64_t d = DC ? DC : d_rt;
+    for (int64_t l = 0; l < g.lanes; ++l) {
+        T* r = rows + (g.b0 + l) * n * row_stride + offset;
+        for (int64_t i = 0; i < n; ++i)
+            for (int64_t c = 0; c < d; ++c) store(r + i * row_stride + c, x[(i * d + c) * L + l] * scale);
+    }
+}
+
+// s[j][l] = a_i . b_j, lane by lane: the scores of query i (a = q, b = k), or dO_i . v_j (a = dO, b = v)
+template <int DC>
+inline void dots(const float* a, const float* b, int64_t i, int64_t n, int64_t d_rt, float* s) {
+    const int64_t d = DC ? DC : d_rt;
+    const float* ai = a + i * d * L;
+    for (int64_t j = 0; j < n; ++j) {
+        const float* bj = b + j * d * L;
+        float acc[L] = {};
+        for (int64_t c = 0; c < d; ++c) {
+#pragma omp simd
+            for (int64_t l = 0; l < L; ++l) acc[l] += ai[c * L + l] * bj[c * L + l];
+        }
+#pragma omp simd
+        for (int64_t l = 0; l < L; ++l) s[j * L + l] = acc[l];
+    }
+}
+
+// y[c][l] = scale * sum_j w_j[l] m[j][c][l], with w_j = w + j * w_stride: a row of weights times a matrix,
+// lane by lane (o_i = p_i V, dq_i = ds_i K, dk_j = DS[:, j]^T Q, dv_j = P[:, j]^T dO). Eight channels at a
+// time are summed in registers.
+template <int DC>
+inline void weighted_sum(const float* w, int64_t w_stride, const float* m, int64_t n, int64_t d_rt, float scale,
+                         float* y) {
+    const int64_t d = DC ? DC : d_rt;
+    constexpr int64_t C = 8;
+    int64_t c0 = 0;
+    for (; c0 + C <= d; c0 += C) {
+        float acc[C][L] = {};
+        for (int64_t j = 0; j < n; ++j) {
+            const float* wj = w + j * w_stride;
+            const float* mj = m + (j * d + c0) * L;
+            for (int64_t c = 0; c < C; ++c) {
+#pragma omp simd
+                for (int64_t l = 0; l < L; ++l) acc[c][l] += wj[l] * mj[c * L + l];
+            }
+        }
+        for (int64_t c = 0; c < C; ++c) {
+#pragma omp simd
+            for (int64_t l = 0; l < L; ++l) y[(c0 + c) * L + l] = acc[c][l] * scale;
+        }
+    }
+    if constexpr (DC == 0 || DC % C != 0) for (; c0 < d; ++c0) {  // head sizes not a multiple of 8
+        float acc[L] = {};
+        for (int64_t j = 0; j < n; ++j) {
+#pragma omp simd
+            for (int64_t l = 0; l < L; ++l) acc[l] += w[j * w_stride + l] * m[(j * d + c0) * L + l];
+        }
+#pragma omp simd
+        for (int64_t l = 0; l < L; ++l) y[c0 * L + l] = acc[l] * scale;
+    }
+}
+
+// Forward: out (B, T, H, d) and the probabilities P, [group][i][j][lane], which the backward reads.
+template <typename T, int DC>
+void forward(const T* qkv, int64_t batch, int64_t n, int64_t heads, int64_t d_rt, float scale, T* out, float* probs) {
+    const int64_t d = DC ? DC : d_rt;
+    const int64_t dim = heads * d, row_stride = 3 * dim;
+    const int64_t groups = heads * ((batch + L - 1) / L);
+#pragma omp parallel
+    {
+        std::vector<float> q(n * d * L), k(n * d * L), v(n * d * L), o(n * d * L);
+#pragma omp for schedule(static)
+        for (int64_t gi = 0; gi < groups; ++gi) {
+            const Group g = group_of(gi, batch, heads);
+            gather<T, DC>(qkv, n, row_stride, g.h * d, d, scale, g, q.data());
+            gather<T, DC>(qkv, n, row_stride, dim + g.h * d, d, 1.0f, g, k.data());
+            gather<T, DC>(qkv, n, row_stride, 2 * dim + g.h * d, d, 1.0f, g, v.data());
+            float* p_group = probs + gi * n * n * L;
+            for (int64_t i = 0; i < n; ++i) {
+                float* s = p_group + i * n * L;
+                dots<DC>(q.data(), k.data(), i, n, d, s);
+                float top[L], total[L] = {};
+#pragma omp simd
+                for (int64_t l = 0; l < L; ++l) top[l] = s[l];
+                for (int64_t j = 1; j < n; ++j) {
+#pragma omp simd
+                    for (int64_t l = 0; l < L; ++l) top[l] = std::max(top[l], s[j * L + l]);
+                }
+                for (int64_t j = 0; j < n; ++j) {
+#pragma omp simd
+                    for (int64_t l = 0; l < L; ++l) {
+                        const float e = exp_nonpositive(s[j * L + l] - top[l]);
+                        s[j * L + l] = e;
+                        total[l] += e;
+                    }
+                }
+                for (int64_t j = 0; j < n; ++j) {
+#pragma omp simd
+                    for (int64_t l = 0; l < L; ++l) s[j * L + l] /= total[l];
+                }
+                weighted_sum<DC>(s, L, v.data(), n, d, 1.0f, o.data() + i * d * L);
+            }
+            scatter<T, DC>(o.data(), n, dim, g.h * d, d, 1.0f, g, out);
+        }
+    }
+}
+
+template <typename T, int DC>
+void backward(const T* qkv, const T* grad_out, const float* probs, int64_t batch, int64_t n, int64_t heads,
+              int64_t d_rt, float scale, T* grad_qkv) {
+    const int64_t d = DC ? DC : d_rt;
+    const int64_t dim = heads * d, row_stride = 3 * dim;
+    const int64_t groups = heads * ((batch + L - 1) / L);
+#pragma omp parallel
+    {
+        const int64_t size = n * d * L;
+        std::vector<float> q(size), k(size), v(size), go(size), grad(size), ds(n * n * L);
+#pragma omp for schedule(static)
+        for (int64_t gi = 0; gi < groups; ++gi) {
+            const Group g = group_of(gi, batch, heads);
+            gather<T, DC>(qkv, n, row_stride, g.h * d, d, scale, g, q.data());
+            gather<T, DC>(qkv, n, row_stride, dim + g.h * d, d, 1.0f, g, k.data());
+            gather<T, DC>(qkv, n, row_stride, 2 * dim + g.h * d, d, 1.0f, g, v.data());
+            gather<T, DC>(grad_out, n, dim, g.h * d, d, 1.0f, g, go.data());
+            const float* p = probs + gi * n * n * L;
+            for (int64_t i = 0; i < n; ++i) {  // d scores: ds_ij = p_ij (dO_i . v_j - sum_j' p_ij' dO_i . v_j')
+                const float* pi = p + i * n * L;
+                float* dsi = ds.data() + i * n * L;
+                dots<DC>(go.data(), v.data(), i, n, d, dsi);
+                float dot[L] = {};
+                for (int64_t j = 0; j < n; ++j) {
+#pragma omp simd
+                    for (int64_t l = 0; l < L; ++l) dot[l] += pi[j * L + l] * dsi[j * L + l];
+                }
+                for (int64_t j = 0; j < n; ++j) {
+#pragma omp simd
+                    for (int64_t l = 0; l < L; ++l) dsi[j * L + l] = pi[j * L + l] * (dsi[j * L + l] - dot[l]);
+                }
+                weighted_sum<DC>(dsi, L, k.data(), n, d, scale, grad.data() + i * d * L);  // dq_i
+            }
+            scatter<T, DC>(grad.data(), n, row_stride, g.h * d, d, 1.0f, g, grad_qkv);
+            for (int64_t j = 0; j < n; ++j)  // dk_j = sum_i ds_ij q_i (q holds the scale already)
+                weighted_sum<DC>(ds.data() + j * L, n * L, q.data(), n, d, 1.0f, grad.data() + j * d * L);
+            scatter<T, DC>(grad.data(), n, row_stride, dim + g.h * d, d, 1.0f, g, grad_qkv);
+            for (int64_t j = 0; j < n; ++j)  // dv_j = sum_i p_ij dO_i
+                weighted_sum<DC>(p + j * L, n * L, go.data(), n, d, 1.0f, grad.data() + j * d * L);
+            scatter<T, DC>(grad.data(), n, row_stride, 2 * dim + g.h * d, d, 1.0f, g, grad_qkv);
+        }
+    }
+}
+
+// Head sizes with a loop length known at compile time; others take the general path.
+#define VITSCOPE_DISPATCH(FN, T, D, ...)                  \
+    switch (D) {                                          \
+        case 8: FN<T, 8>(__VA_ARGS__); break;             \
+        case 16: FN<T, 16>(__VA_ARGS__); break;           \
+        case 32: FN<T, 32>(__VA_ARGS__); break;           \
+        case 64: FN<T, 64>(__VA_ARGS__); break;           \
+        default: FN<T, 0>(__VA_ARGS__); break;            \
+    }
+
+}  // namespace
+
+extern "C" {
+
+// qkv (B, T, 3, H, d) contiguous; out (B, T, H, d); probs (H * ceil(B / 16), T, T, 16) fp32, [group][query][key][lane].
+// bf16 != 0: qkv and out are bf16.
+void vitscope_attention_forward(const void* qkv, int64_t batch, int64_t n, int64_t heads, int64_t d, float scale,
+                                void* out, float* probs, int bf16) {
+    if (bf16) {
+        VITSCOPE_DISPATCH(forward, uint16_t, d, static_cast<const uint16_t*>(qkv), batch, n, heads, d, scale,
+                          static_cast<uint16_t*>(out), probs)
+    } else {
+        VITSCOPE_DISPATCH(forward, float, d, static_cast<const float*>(qkv), batch, n, heads, d, scale,
+                          static_cast<float*>(out), probs)
+    }
+}
+
+// grad_out (B, T, H, d) contiguous, of qkv's dtype; grad_qkv (B, T, 3, H, d), every element written.
+void vitscope_attention_backward(const void* qkv, const void* grad_out, const float* probs, int64_t batch, int64_t n,
+                                 int64_t heads, int64_t d, float scale, void* grad_qkv, int bf16) {
+    if (bf16) {
+        VITSCOPE_DISPATCH(backward, uint16_t, d, static_cast<const uint16_t*>(qkv),
+                          static_cast<const uint16_t*>(grad_out), probs, batch, n, heads, d, scale,
+                          static_cast<uint16_t*>(grad_qkv))
+    } else {
+        VITSCOPE_DISPATCH(backward, float, d, static_cast<const float*>(qkv), static_cast<const float*>(grad_out),
+                          probs, batch, n, heads, d, scale, static_cast<float*>(grad_qkv))
+    }
+}
+
+}  // extern "C"

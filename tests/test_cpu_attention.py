@@ -1,0 +1,102 @@
+import warnings
+
+import pytest
+import torch
+
+from vitscope import ViT, ViTConfig
+from vitscope import cpu_attention
+from vitscope.model import KERNEL_HEAD_DIM_MAX
+
+needs_kernel = pytest.mark.skipif(not cpu_attention.available(),
+                                  reason=f"no attention kernel here: {cpu_attention.unavailable_reason()}")
+SEED_SIZE = ViTConfig(patch_size=7, dim=32, depth=3, heads=4, mlp_dim=128)
+
+
+def reference(qkv: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+    """The explicit form in fp64 on the same numbers."""
+    B, T, D3 = qkv.shape
+    q, k, v = qkv.double().reshape(B, T, 3, heads, D3 // 3 // heads).permute(2, 0, 3, 1, 4)
+    out = ((q * scale) @ k.transpose(-1, -2)).softmax(-1) @ v
+    return out.transpose(1, 2).reshape(B, T, D3 // 3)
+
+
+# (batch, tokens, heads, head size): the seed size, a batch that is not a multiple of the kernel's 16 lanes,
+# head sizes with and without a compile-time loop (5), larger ones, and one image.
+SHAPES = [(3, 17, 4, 8), (20, 17, 2, 16), (17, 5, 3, 5), (2, 50, 4, 32), (1, 9, 1, 64), (33, 17, 4, 12)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_kernel_computes_attention_and_its_gradient(shape, dtype):
+    B, T, H, d = shape
+    generator = torch.Generator().manual_seed(0)
+    qkv = (2 * torch.randn(B, T, 3 * H * d, generator=generator)).to(dtype).requires_grad_()
+    grad_out = torch.randn(B, T, H * d, generator=generator).to(dtype)
+    scale = d ** -0.5
+    out = cpu_attention.multi_head_attention(qkv, H, scale)
+    out.backward(grad_out)
+    exact = qkv.detach().double().requires_grad_()
+    expected = reference(exact, H, scale)
+    expected.backward(grad_out.double())
+    assert out.dtype == dtype and qkv.grad.dtype == dtype
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
+    torch.testing.assert_close(out.double(), expected, **tolerance)
+    torch.testing.assert_close(qkv.grad.double(), exact.grad, **tolerance)
+
+
+@needs_kernel
+def test_a_model_with_the_kernel_gives_the_explicit_forms_logits_and_gradients():
+    torch.manual_seed(0)
+    kernel = ViT(ViTConfig(**{**SEED_SIZE.__dict__, "attention": "kernel"}))
+    explicit = ViT(ViTConfig(**{**SEED_SIZE.__dict__, "attention": "explicit"}))
+    explicit.load_state_dict(kernel.state_dict())
+    assert all(block.attn.kernel for block in kernel.blocks) and not explicit.blocks[0].attn.kernel
+    x = torch.randn(19, 1, 28, 28)
+    logits = kernel(x)
+    torch.testing.assert_close(logits, explicit(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kernel(x, return_attention=True)[0], logits, atol=1e-5, rtol=1e-5)
+    logits.logsumexp(-1).sum().backward()
+    explicit(x).logsumexp(-1).sum().backward()
+    for (name, p), q in zip(kernel.named_parameters(), explicit.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@needs_kernel
+def test_compiled_grad_through_the_kernel_equals_autograd():
+    # The compiled whole step differentiates with torch.func.grad; the kernel's op must be traced, not broken on.
+    torch.manual_seed(0)
+    model = ViT(ViTConfig(**{**SEED_SIZE.__dict__, "attention": "kernel"}))
+    x = torch.randn(5, 1, 28, 28)
+    params = dict(model.named_parameters())
+
+    def loss(params, x):
+        return torch.func.functional_call(model, params, (x,)).logsumexp(-1).sum()
+
+    compiled = torch.compile(torch.func.grad(loss), fullgraph=True)(params, x)
+    loss(params, x).backward()
+    for name, p in params.items():
+        torch.testing.assert_close(compiled[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@needs_kernel
+def test_auto_runs_the_kernel_on_a_cpu_at_small_head_sizes_only():
+    small = ViT(SEED_SIZE)  # head size 8
+    large = ViT(ViTConfig(patch_size=7, dim=64, depth=2, heads=4, mlp_dim=128))  # 16
+    assert SEED_SIZE.dim // SEED_SIZE.heads <= KERNEL_HEAD_DIM_MAX < 16
+    assert small.blocks[0].attn.kernel and not large.blocks[0].attn.kernel
+
+
+def test_without_a_compiler_the_model_falls_back_to_the_explicit_form(monkeypatch):
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    cpu_attention.load.cache_clear()
+    try:
+        assert not cpu_attention.available() and "compiler" in cpu_attention.unavailable_reason()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = ViT(ViTConfig(**{**SEED_SIZE.__dict__, "attention": "kernel"}))
+        assert any("could not be built" in str(w.message) for w in caught)
+        assert not model.blocks[0].attn.kernel
+        assert ViT(SEED_SIZE)(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    finally:
+        cpu_attention.load.cache_clear()
