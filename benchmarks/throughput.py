@@ -5,8 +5,8 @@
 
 Every implementation builds the same ViT (patch size, width, depth, heads, MLP width), gets random
 in-memory images at the same batch size, and runs AdamW steps. Each is tried at each of its settings
-(fp32 or bf16 autocast where the CPU has native bf16; fused attention on or off where the implementation
-has the switch; eager or torch.compile'd when --compile, forward and loss as one graph for every
+(fp32 or bf16 autocast where the CPU has native bf16; each attention form the implementation has: fused
+(F.scaled_dot_product_attention) or explicit, and vitscope's own CPU kernel; eager or torch.compile'd when --compile, forward and loss as one graph for every
 implementation) and its best setting is its row. Images/s is the
 median over --windows timed windows after a warm-up; the windows go round all settings in turn, so the
 machine's drift in speed reaches every row alike (one untimed round goes first). The vitscope row times `vitscope.train.make_train_step`,
@@ -33,34 +33,34 @@ SIZES = {  # patch, dim, depth, heads, mlp
 IMPLS = ["vitscope", "hf", "vit-pytorch", "timm"]
 
 
-def build_vitscope(size: dict, fused: bool):
+def build_vitscope(size: dict, attention: str):
     from vitscope import ViT, ViTConfig
-    return ViT(ViTConfig(attention="fused" if fused else "explicit", **size))
+    return ViT(ViTConfig(attention=attention, **size))
 
 
-def build_hf(size: dict, fused: bool):
+def build_hf(size: dict, attention: str):
     from transformers import ViTConfig as HFConfig, ViTForImageClassification
     config = HFConfig(image_size=28, patch_size=size["patch_size"], num_channels=1, hidden_size=size["dim"],
                       num_hidden_layers=size["depth"], num_attention_heads=size["heads"],
                       intermediate_size=size["mlp_dim"], num_labels=10,
-                      attn_implementation="sdpa" if fused else "eager")
+                      attn_implementation="sdpa" if attention == "fused" else "eager")
     model = ViTForImageClassification(config)
     return LogitsOf(model, lambda m, x: m(pixel_values=x).logits)
 
 
-def build_vit_pytorch(size: dict, fused: bool):
+def build_vit_pytorch(size: dict, attention: str):
     from vit_pytorch import ViT
     return ViT(image_size=28, patch_size=size["patch_size"], num_classes=10, dim=size["dim"], depth=size["depth"],
                heads=size["heads"], mlp_dim=size["mlp_dim"], channels=1, dim_head=size["dim"] // size["heads"])
 
 
-def build_timm(size: dict, fused: bool):
+def build_timm(size: dict, attention: str):
     from timm.models.vision_transformer import VisionTransformer
     model = VisionTransformer(img_size=28, patch_size=size["patch_size"], in_chans=1, num_classes=10,
                               embed_dim=size["dim"], depth=size["depth"], num_heads=size["heads"],
                               mlp_ratio=size["mlp_dim"] / size["dim"])
     for block in model.blocks:
-        block.attn.fused_attn = fused
+        block.attn.fused_attn = attention == "fused"
     return model
 
 
@@ -76,7 +76,9 @@ class LogitsOf(torch.nn.Module):
 
 
 BUILDERS = {"vitscope": build_vitscope, "hf": build_hf, "vit-pytorch": build_vit_pytorch, "timm": build_timm}
-HAS_FUSED_SWITCH = {"vitscope": True, "hf": True, "vit-pytorch": False, "timm": True}
+# The attention forms each implementation has. vit-pytorch's is explicit (matmul, softmax, matmul) only.
+ATTENTIONS = {"vitscope": ["fused", "explicit", "kernel"], "hf": ["fused", "explicit"], "vit-pytorch": ["explicit"],
+              "timm": ["fused", "explicit"]}
 
 
 def peer_step(model, optimizer, dtype: str, compiled: bool, device: torch.device):
@@ -105,12 +107,12 @@ def vitscope_step(model, dtype: str, compiled: bool, device: torch.device):
     return make_train_step(model, optimizer, scheduler, config, model.config, device, dtype)
 
 
-def prepare(impl: str, size_name: str, batch: int, dtype: str, fused: bool, compiled: bool, warmup: int,
+def prepare(impl: str, size_name: str, batch: int, dtype: str, attention: str, compiled: bool, warmup: int,
             device: torch.device) -> dict:
     """One setting of one implementation, built and warmed up (compiled where asked): its step and inputs."""
     size = SIZES[size_name]
     torch.manual_seed(0)
-    model = BUILDERS[impl](size, fused).train().to(device)
+    model = BUILDERS[impl](size, attention).train().to(device)
     labels = torch.randint(0, 10, (batch,), device=device)
     if impl == "vitscope":
         step = vitscope_step(model, dtype, compiled, device)
@@ -122,7 +124,8 @@ def prepare(impl: str, size_name: str, batch: int, dtype: str, fused: bool, comp
     for _ in range(warmup):
         step(images, labels)
     synchronize(device)
-    return {"row": {"impl": impl, "size": size_name, "batch": batch, "dtype": dtype, "fused_attention": fused,
+    return {"row": {"impl": impl, "size": size_name, "batch": batch, "dtype": dtype, "attention": attention,
+                    "fused_attention": attention == "fused",
                     "compiled": compiled, "warmup_seconds": round(time.perf_counter() - start, 1)},
             "step": step, "inputs": (images, labels), "rates": []}
 
@@ -177,9 +180,10 @@ def main():
         context["gpu"] = torch.cuda.get_device_name()
     if not args.json:
         print(f"# {context}; training FLOPs per image {train_flops / 1e6:.2f} M", file=sys.stderr)
-    settings = [prepare(impl, args.size, args.batch, dtype, fused, compiled, 3 if compiled else 2, device)
+    settings = [prepare(impl, args.size, args.batch, dtype, attention, compiled, 3 if compiled else 2, device)
                 for impl in args.impl.split(",") for dtype in dtypes
-                for fused in ([True, False] if HAS_FUSED_SWITCH[impl] else [True]) for compiled in compiles]
+                for attention in ATTENTIONS[impl] if device.type == "cpu" or attention != "kernel"
+                for compiled in compiles]
     # Windows go round the settings in turn, so a shared machine's drift in speed reaches all of them alike.
     # The first round is not timed: right after the setup, whichever setting ran first took a window 2-3x
     # slower than its others (every vitscope setting, which come first, in full runs on the Zen 4 host).

@@ -20,9 +20,11 @@ def reference(qkv: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
     return out.transpose(1, 2).reshape(B, T, D3 // 3)
 
 
-# (batch, tokens, heads, head size): the seed size, a batch that is not a multiple of the kernel's 16 lanes,
-# head sizes with and without a compile-time loop (5), larger ones, and one image.
-SHAPES = [(3, 17, 4, 8), (20, 17, 2, 16), (17, 5, 3, 5), (2, 50, 4, 32), (1, 9, 1, 64), (33, 17, 4, 12)]
+# (batch, tokens, heads, head size): the seed size with a whole group of 16 images (the kernel's lanes) and
+# with a part of one, head sizes with and without a compile-time loop (5, 12) and with an odd number of
+# 16-row tiles (17 x 8), larger ones, one image.
+SHAPES = [(16, 17, 4, 8), (3, 17, 4, 8), (20, 17, 2, 16), (17, 5, 3, 5), (18, 9, 2, 32), (2, 50, 4, 32),
+          (1, 9, 1, 64), (33, 17, 4, 12), (16, 3, 1, 24)]
 
 
 @needs_kernel

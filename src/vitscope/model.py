@@ -33,9 +33,10 @@ class PatchEmbed(nn.Module):
         return F.linear(patches.reshape(B, -1, C * P * P), self.proj.weight.flatten(1), self.proj.bias)  # (B, N, D)
 
 
-# Largest head size at which "auto" attention on a CPU runs cpu_attention's kernel. Compiled whole `seed`
-# step (head size 8, 17 tokens), batch 256, Zen 4: 1.19x as fast in bf16 and 1.12x in fp32 with it; `fast`
-# (head size 16): 0.95x, so it keeps the explicit form (benchmarks/RESULTS.md).
+# Largest head size at which "auto" attention on a CPU runs cpu_attention's kernel. Compiled whole step,
+# Zen 4, side by side in one process: `seed` size (head size 8, 17 tokens, batch 256) 1.19-1.26x as fast in
+# bf16 and 1.12x in fp32 with it; `fast` (head size 16) 0.95x, then 1.03x and 1.00x once the kernel moved
+# rows with 16 x 16 transposes: no gain, so it keeps the explicit form (benchmarks/RESULTS.md).
 KERNEL_HEAD_DIM_MAX = 8
 
 # Head sizes below which the class-token-only attention runs with the heads as rows (Attention, explicit form).
