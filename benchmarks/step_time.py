@@ -1,8 +1,10 @@
 """Milliseconds per training step of a preset: eager, compiled forward and loss, compiled whole step (forward,
-backward and update as one graph); each with the last block computing every token or the class token alone.
+backward and update as one graph); each with the last block computing every token or the class token alone,
+and with each attention form asked for.
 
     python benchmarks/step_time.py --preset seed
     python benchmarks/step_time.py --preset fast --last-block class --json
+    python benchmarks/step_time.py --preset seed --modes whole --last-block class --attention explicit,kernel
 
 Each variant is `vitscope.train.make_train_step` on the preset's model and recipe (optimizer included),
 fed one fixed batch of random uint8 images. After a warm-up (which compiles), timed windows of --steps
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import statistics
 import time
@@ -34,6 +37,8 @@ def main() -> None:
                     "whole (the whole step compiled)")
     ap.add_argument("--last-block", choices=["class", "all", "both"], default="both",
                     help="the last block for the class token alone, for every token, or both")
+    ap.add_argument("--attention", default="", help="comma-separated ViTConfig.attention forms, each a variant "
+                    "(default: the preset's own)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.threads:
@@ -55,19 +60,20 @@ def main() -> None:
              "whole": dict(compile="on", compile_whole_step=True)}
     names = {"eager": "eager", "forward": "compiled forward", "whole": "compiled whole step"}
     last_blocks = {"class": [True], "all": [False], "both": [False, True]}[args.last_block]
-    for mode in args.modes.split(","):
-        for class_token_only in last_blocks:
-            model_config = dataclasses.replace(preset.model, last_block_class_token_only=class_token_only)
-            recipe = dataclasses.replace(preset.train, batch_size=batch, **modes[mode])
-            torch.manual_seed(0)
-            model = build_model(model_config)
-            optimizer = make_optimizer(model, recipe)
-            step = make_train_step(model, optimizer, make_scheduler(optimizer, recipe, 10**6), recipe,
-                                   model_config, device, precision)
-            for _ in range(3):
-                step(images, labels)
-            last_block = ", last block class token only" if class_token_only else ", whole last block"
-            steps[names[mode] + last_block] = step
+    attentions = args.attention.split(",") if args.attention else [preset.model.attention]
+    for mode, class_token_only, attention in itertools.product(args.modes.split(","), last_blocks, attentions):
+        model_config = dataclasses.replace(preset.model, last_block_class_token_only=class_token_only,
+                                           attention=attention)
+        recipe = dataclasses.replace(preset.train, batch_size=batch, **modes[mode])
+        torch.manual_seed(0)
+        model = build_model(model_config)
+        optimizer = make_optimizer(model, recipe)
+        step = make_train_step(model, optimizer, make_scheduler(optimizer, recipe, 10**6), recipe,
+                               model_config, device, precision)
+        for _ in range(3):
+            step(images, labels)
+        last_block = ", last block class token only" if class_token_only else ", whole last block"
+        steps[names[mode] + last_block + (f", {attention} attention" if args.attention else "")] = step
     times = {name: [] for name in steps}
     for _ in range(args.windows):
         for name, step in steps.items():
