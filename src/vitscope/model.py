@@ -45,7 +45,8 @@ HEADS_AS_ROWS_BELOW = 16
 
 def _exporting() -> bool:
     """torch.export, ONNX or TorchScript tracing: the graph must hold standard ops only."""
-    return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+    is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.5
+    return is_exporting() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
 
 
 class Attention(nn.Module):
