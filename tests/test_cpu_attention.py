@@ -82,11 +82,13 @@ def test_compiled_grad_through_the_kernel_equals_autograd():
 
 
 @needs_kernel
-def test_auto_runs_the_kernel_on_a_cpu_at_small_head_sizes_only():
-    small = ViT(SEED_SIZE)  # head size 8
-    large = ViT(ViTConfig(patch_size=7, dim=64, depth=2, heads=4, mlp_dim=128))  # 16
+def test_auto_runs_the_kernel_on_an_avx512_cpu_at_small_head_sizes_only(monkeypatch):
+    large = ViT(ViTConfig(patch_size=7, dim=64, depth=2, heads=4, mlp_dim=128))  # head size 16
     assert SEED_SIZE.dim // SEED_SIZE.heads <= KERNEL_HEAD_DIM_MAX < 16
-    assert small.blocks[0].attn.kernel and not large.blocks[0].attn.kernel
+    assert not large.blocks[0].attn.kernel
+    for avx512 in (True, False):
+        monkeypatch.setattr(cpu_attention, "cpu_flags", lambda: {"avx2"} | ({"avx512f"} if avx512 else set()))
+        assert ViT(SEED_SIZE).blocks[0].attn.kernel == avx512  # head size 8
 
 
 def test_without_a_compiler_the_model_falls_back_to_the_explicit_form(monkeypatch):

@@ -112,6 +112,14 @@ def available() -> bool:
     return load()[0] is not None
 
 
+def faster_here() -> bool:
+    """Whether "auto" attention should pick the kernel on this CPU: where it has AVX-512, whose 16-wide
+    vectors and register transposes it was measured with. Built for AVX2 alone (-march=x86-64-v3, run on
+    the Zen 4 host), it made the compiled `seed` step slower, not faster (0.82x at batch 256, 0.94x at the
+    preset's 64, fp32; benchmarks/RESULTS.md)."""
+    return "avx512f" in cpu_flags()
+
+
 def supports(qkv: torch.Tensor) -> bool:
     return qkv.device.type == "cpu" and qkv.dtype in DTYPES
 

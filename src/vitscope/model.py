@@ -52,7 +52,7 @@ def _exporting() -> bool:
 class Attention(nn.Module):
     """Multi-head self-attention. `implementation` "fused" uses F.scaled_dot_product_attention, "explicit"
     the three ops softmax(QK^T * scale) V, "kernel" vitscope's own CPU kernel (cpu_attention), "auto" fused
-    on GPUs and on CPUs the kernel at head sizes up to KERNEL_HEAD_DIM_MAX, explicit above (at these sizes
+    on GPUs and on AVX-512 CPUs the kernel at head sizes up to KERNEL_HEAD_DIM_MAX, explicit otherwise (at these sizes
     the CPU flash kernel is slower than three small matmuls). Explicit whenever the weights are asked for,
     and while exporting (the kernel is not a standard op); explicit too where the kernel cannot be built.
 
@@ -68,7 +68,8 @@ class Attention(nn.Module):
         self.head_dim = dim // heads
         self.scale = scale if scale is not None else self.head_dim ** -0.5
         self.implementation = implementation
-        wanted = implementation == "kernel" or (implementation == "auto" and self.head_dim <= KERNEL_HEAD_DIM_MAX)
+        wanted = implementation == "kernel" or (implementation == "auto" and self.head_dim <= KERNEL_HEAD_DIM_MAX
+                                                 and cpu_attention.faster_here())
         self.kernel = wanted and cpu_attention.available()  # on a CPU, for fp32 and bf16 (`supports`)
         if implementation == "kernel" and not self.kernel:
             warnings.warn("attention = \"kernel\" was asked for, but the kernel could not be built here "

@@ -68,7 +68,7 @@ struct Group {  // which images and head a block of lanes holds
     int64_t b0, lanes, h;
 };
 
-inline Group group_of(int64_t g, int64_t batch, int64_t heads) {
+inline Group group_of(int64_t g, int64_t batch) {
     const int64_t blocks = (batch + L - 1) / L;
     const int64_t b0 = (g % blocks) * L;
     return {b0, std::min(L, batch - b0), g / blocks};
@@ -182,6 +182,16 @@ void scatter(const float* x, int64_t n, int64_t row_stride, int64_t offset, int6
     }
 }
 
+// one group's q (scaled), k and v from qkv (B, T, 3, H, d)
+template <typename T, int DC>
+void gather_qkv(const T* qkv, int64_t n, int64_t heads, int64_t d, float scale, const Group& g, float* q, float* k,
+                float* v) {
+    const int64_t dim = heads * d;
+    gather<T, DC>(qkv, n, 3 * dim, g.h * d, d, scale, g, q);
+    gather<T, DC>(qkv, n, 3 * dim, dim + g.h * d, d, 1.0f, g, k);
+    gather<T, DC>(qkv, n, 3 * dim, 2 * dim + g.h * d, d, 1.0f, g, v);
+}
+
 // s[j][l] = a_i . b_j, lane by lane: the scores of query i (a = q, b = k), or dO_i . v_j (a = dO, b = v)
 template <int DC>
 inline void dots(const float* a, const float* b, int64_t i, int64_t n, int64_t d_rt, float* s) {
@@ -238,17 +248,15 @@ inline void weighted_sum(const float* w, int64_t w_stride, const float* m, int64
 template <typename T, int DC>
 void forward(const T* qkv, int64_t batch, int64_t n, int64_t heads, int64_t d_rt, float scale, T* out, float* probs) {
     const int64_t d = DC ? DC : d_rt;
-    const int64_t dim = heads * d, row_stride = 3 * dim;
+    const int64_t dim = heads * d;
     const int64_t groups = heads * ((batch + L - 1) / L);
 #pragma omp parallel
     {
         std::vector<float> q(n * d * L), k(n * d * L), v(n * d * L), o(n * d * L);
 #pragma omp for schedule(static)
         for (int64_t gi = 0; gi < groups; ++gi) {
-            const Group g = group_of(gi, batch, heads);
-            gather<T, DC>(qkv, n, row_stride, g.h * d, d, scale, g, q.data());
-            gather<T, DC>(qkv, n, row_stride, dim + g.h * d, d, 1.0f, g, k.data());
-            gather<T, DC>(qkv, n, row_stride, 2 * dim + g.h * d, d, 1.0f, g, v.data());
+            const Group g = group_of(gi, batch);
+            gather_qkv<T, DC>(qkv, n, heads, d, scale, g, q.data(), k.data(), v.data());
             float* p_group = probs + gi * n * n * L;
             for (int64_t i = 0; i < n; ++i) {
                 float* s = p_group + i * n * L;
@@ -291,10 +299,8 @@ void backward(const T* qkv, const T* grad_out, const float* probs, int64_t batch
         std::vector<float> q(size), k(size), v(size), go(size), grad(size), ds(n * n * L);
 #pragma omp for schedule(static)
         for (int64_t gi = 0; gi < groups; ++gi) {
-            const Group g = group_of(gi, batch, heads);
-            gather<T, DC>(qkv, n, row_stride, g.h * d, d, scale, g, q.data());
-            gather<T, DC>(qkv, n, row_stride, dim + g.h * d, d, 1.0f, g, k.data());
-            gather<T, DC>(qkv, n, row_stride, 2 * dim + g.h * d, d, 1.0f, g, v.data());
+            const Group g = group_of(gi, batch);
+            gather_qkv<T, DC>(qkv, n, heads, d, scale, g, q.data(), k.data(), v.data());
             gather<T, DC>(grad_out, n, dim, g.h * d, d, 1.0f, g, go.data());
             const float* p = probs + gi * n * n * L;
             for (int64_t i = 0; i < n; ++i) {  // d scores: ds_ij = p_ij (dO_i . v_j - sum_j' p_ij' dO_i . v_j')
