@@ -6,11 +6,12 @@
 Every implementation builds the same ViT (patch size, width, depth, heads, MLP width), gets random
 in-memory images at the same batch size, and runs AdamW steps. Each is tried at each of its settings
 (fp32 or bf16 autocast where the CPU has native bf16; each attention form the implementation has: fused
-(F.scaled_dot_product_attention) or explicit, and vitscope's own CPU kernel; eager or torch.compile'd when --compile, forward and loss as one graph for every
-implementation) and its best setting is its row. Images/s is the
-median over --windows timed windows after a warm-up; the windows go round all settings in turn, so the
-machine's drift in speed reaches every row alike (one untimed round goes first). The vitscope row times `vitscope.train.make_train_step`,
-the very step `vitscope train` runs (uint8 images in, normalised inside the step).
+(F.scaled_dot_product_attention) or explicit, and vitscope's own CPU kernel; eager or torch.compile'd
+when --compile, forward and loss as one graph for every implementation) and its best setting is its row.
+Images/s is the median over --windows timed windows after a warm-up; the windows go round all settings
+in turn, so the machine's drift in speed reaches every row alike (one untimed round goes first). The
+vitscope row times `vitscope.train.make_train_step`, the very step `vitscope train` runs (uint8 images
+in, normalised inside the step).
 
 Peers need torchvision (timm, vit-pytorch): run this in the environment benchmarks/setup_env.sh makes.
 One JSON object per line with --json: {"impl", "size", "batch", "dtype", "img_per_s", ...}.

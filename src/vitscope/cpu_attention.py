@@ -109,7 +109,7 @@ def unavailable_reason() -> str:
 
 def available() -> bool:
     """Whether the kernel is built (building it on the first call: a few seconds, once per machine)."""
-    return load()[0] is not None
+    return _library() is not None
 
 
 def faster_here() -> bool:

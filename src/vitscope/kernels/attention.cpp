@@ -1,14 +1,15 @@
 // Multi-head self-attention on a CPU for the small shapes of an MNIST ViT: softmax(Q K^T * scale) V, forward
-// and backward, one (image, head) pair at a time with all of its tokens in fp32 scratch, OpenMP over pairs.
+// and backward, for 16 images of one head at a time (one image per vector lane) with all of their tokens in
+// fp32 scratch, OpenMP over those groups.
 //
-// At these sizes (17 tokens of head size 8 at the seed size) a step spends more time in attention than in
-// anything else: ATen's batched matmuls run 1024 matmuls of 17x17x8 each at ~25 GFLOP/s, and softmax and the
-// q/k/v layouts are three more passes over memory. Here the scores never leave the cache and q, k and v are
-// read where the qkv projection wrote them, (B, T, 3, H, d); the output is written as (B, T, H, d), the
-// layout the output projection reads. The backward recomputes the probabilities from the saved log-sum-exp
-// (as flash attention does) and writes the gradient of the whole qkv tensor in its own layout.
+// At the seed size (17 tokens of head size 8), ATen runs this core as 1024 matmuls of 17x17x8 per layer at
+// ~25 GFLOP/s, and softmax and the q/k/v layouts are more passes over memory: 35-43% of a compiled training
+// step (benchmarks/RESULTS.md). Here the scores never leave the cache and q, k and v are read where the qkv
+// projection wrote them, (B, T, 3, H, d); the output is written as (B, T, H, d), the layout the output
+// projection reads. The forward saves the probabilities, and the backward reads them and writes the gradient
+// of the whole qkv tensor in its own layout.
 //
-// Plain C++ with no torch headers, so it compiles in about a second; vitscope/cpu_attention.py builds it with
+// Plain C++ with no torch headers, so it compiles in a few seconds; vitscope/cpu_attention.py builds it with
 // -O3 -march=native -fopenmp (the OpenMP runtime is the one torch has already loaded) and calls it through
 // ctypes. Storage is fp32 or bf16 (as uint16_t); arithmetic is fp32 either way.
 #include <algorithm>
