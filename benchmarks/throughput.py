@@ -7,7 +7,9 @@ Every implementation builds the same ViT (patch size, width, depth, heads, MLP w
 in-memory images at the same batch size, and runs AdamW steps. Each is tried at each of its settings
 (fp32 or bf16 autocast where the CPU has native bf16; each attention form the implementation has: fused
 (F.scaled_dot_product_attention) or explicit, and vitscope's own CPU kernel; eager or torch.compile'd
-when --compile, forward and loss as one graph for every implementation) and its best setting is its row.
+when --compile, forward and loss as one graph for every implementation; on a GPU, peers' compiled graphs
+also as CUDA graphs, mode "reduce-overhead", and vitscope's whole step replayed as one) and its best setting
+is its row. --attention limits the attention forms tried.
 Images/s is the median over --windows timed windows after a warm-up; the windows go round all settings
 in turn, so the machine's drift in speed reaches every row alike (one untimed round goes first). The
 vitscope row times `vitscope.train.make_train_step`, the very step `vitscope train` runs (uint8 images
@@ -82,13 +84,19 @@ ATTENTIONS = {"vitscope": ["fused", "explicit", "kernel"], "hf": ["fused", "expl
               "timm": ["fused", "explicit"]}
 
 
-def peer_step(model, optimizer, dtype: str, compiled: bool, device: torch.device):
+def peer_step(model, optimizer, dtype: str, compiled: bool | str, device: torch.device):
+    """compiled: False, True (torch.compile's default mode) or a torch.compile mode ("reduce-overhead": the
+    forward and backward graphs replayed as CUDA graphs, on a GPU)."""
     def forward_and_loss(images, labels):  # compiled as one graph, as vitscope's own step compiles it
         return F.cross_entropy(model(images).float(), labels)
 
-    forward_and_loss = torch.compile(forward_and_loss) if compiled else forward_and_loss
+    if compiled:
+        forward_and_loss = torch.compile(forward_and_loss, mode=compiled if isinstance(compiled, str) else None)
+    graphed = compiled == "reduce-overhead"
 
     def step(images, labels):
+        if graphed:  # a new iteration: the graphs' outputs of the last one may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
             loss = forward_and_loss(images, labels)
         optimizer.zero_grad(set_to_none=True)
@@ -99,16 +107,18 @@ def peer_step(model, optimizer, dtype: str, compiled: bool, device: torch.device
     return step
 
 
-def vitscope_step(model, dtype: str, compiled: bool, device: torch.device):
+def vitscope_step(model, dtype: str, compiled: bool | str, device: torch.device):
+    """compiled: False, True, or "cuda-graph" (compiled, and replayed as a CUDA graph: TrainConfig.cuda_graph)."""
     from vitscope import TrainConfig
     from vitscope.train import make_optimizer, make_scheduler, make_train_step
-    config = TrainConfig(optimizer="adamw", lr=1e-3, precision=dtype, compile=compiled)
+    config = TrainConfig(optimizer="adamw", lr=1e-3, precision=dtype, compile=bool(compiled),
+                         cuda_graph=compiled == "cuda-graph")
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config, steps_per_epoch=10**6)
     return make_train_step(model, optimizer, scheduler, config, model.config, device, dtype)
 
 
-def prepare(impl: str, size_name: str, batch: int, dtype: str, attention: str, compiled: bool, warmup: int,
+def prepare(impl: str, size_name: str, batch: int, dtype: str, attention: str, compiled: bool | str, warmup: int,
             device: torch.device) -> dict:
     """One setting of one implementation, built and warmed up (compiled where asked): its step and inputs."""
     size = SIZES[size_name]
@@ -119,7 +129,9 @@ def prepare(impl: str, size_name: str, batch: int, dtype: str, attention: str, c
         step = vitscope_step(model, dtype, compiled, device)
         images = torch.randint(0, 256, (batch, 28, 28), dtype=torch.uint8, device=device)
     else:
-        step = peer_step(model, torch.optim.AdamW(model.parameters(), lr=1e-3), dtype, compiled, device)
+        # On a GPU, torch's fused AdamW (one kernel for all parameters), as vitscope's own step has it there.
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type == "cuda" or None)
+        step = peer_step(model, optimizer, dtype, compiled, device)
         images = torch.randn(batch, 1, 28, 28, device=device)
     start = time.perf_counter()
     for _ in range(warmup):
@@ -127,7 +139,8 @@ def prepare(impl: str, size_name: str, batch: int, dtype: str, attention: str, c
     synchronize(device)
     return {"row": {"impl": impl, "size": size_name, "batch": batch, "dtype": dtype, "attention": attention,
                     "fused_attention": attention == "fused",
-                    "compiled": compiled, "warmup_seconds": round(time.perf_counter() - start, 1)},
+                    "compiled": bool(compiled), "compile_mode": compiled if isinstance(compiled, str) else None,
+                    "warmup_seconds": round(time.perf_counter() - start, 1)},
             "step": step, "inputs": (images, labels), "rates": []}
 
 
@@ -152,6 +165,7 @@ def main():
     ap.add_argument("--impl", default=",".join(IMPLS), help=f"comma-separated, of {IMPLS}")
     ap.add_argument("--dtype", default="auto", help="fp32, bf16, or auto: fp32 plus bf16 where the CPU has it natively")
     ap.add_argument("--compile", choices=["off", "on", "both"], default="off")
+    ap.add_argument("--attention", default="", help="comma-separated attention forms to time (default: all each has)")
     ap.add_argument("--windows", type=int, default=5)
     ap.add_argument("--steps", type=int, default=0, help="steps per window (default: about 2 s worth)")
     ap.add_argument("--threads", type=int, default=0)
@@ -164,13 +178,15 @@ def main():
     # Each implementation's settings share its step's code, and torch.compile caches graphs per code object:
     # past its default of 8 recompilations it would run the rest eager, with only a warning on stderr.
     torch._dynamo.config.recompile_limit = 64
-    from vitscope.device import cpu_has_native_bf16, cpu_name, keep_freed_memory
+    from vitscope.device import avoid_known_compiler_bugs, cpu_has_native_bf16, cpu_name, keep_freed_memory
     # `vitscope train` keeps freed memory in the process (no page faults per step); set here, it serves every
     # implementation of this one process alike.
     keep_freed_memory()
     from vitscope.model import flops_per_image
     from vitscope import ViTConfig
     device = torch.device(args.device)
+    if args.compile != "off":  # as `vitscope train` would, for every implementation of this process alike
+        avoid_known_compiler_bugs(device)
     native_bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()
     dtypes = (["fp32"] + (["bf16"] if native_bf16 else [])) if args.dtype == "auto" else args.dtype.split(",")
     compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
@@ -181,10 +197,23 @@ def main():
         context["gpu"] = torch.cuda.get_device_name()
     if not args.json:
         print(f"# {context}; training FLOPs per image {train_flops / 1e6:.2f} M", file=sys.stderr)
-    settings = [prepare(impl, args.size, args.batch, dtype, attention, compiled, 3 if compiled else 2, device)
+    def wanted(impl: str, attention: str) -> bool:
+        if device.type != "cpu" and attention == "kernel":
+            return False
+        forms = [a for a in ATTENTIONS[impl] if not args.attention or a in args.attention.split(",")]
+        return attention in (forms or ATTENTIONS[impl][:1])  # an implementation keeps at least one form
+
+    def modes(impl: str, compiled: bool) -> list:
+        # On a GPU every compiled setting is tried with CUDA graphs too: vitscope's replays its whole step,
+        # the peers' torch.compile mode "reduce-overhead" their forward and backward graphs.
+        if not (compiled and device.type == "cuda"):
+            return [compiled]
+        return [True, "cuda-graph" if impl == "vitscope" else "reduce-overhead"]
+
+    settings = [prepare(impl, args.size, args.batch, dtype, attention, mode, 3 if mode else 2, device)
                 for impl in args.impl.split(",") for dtype in dtypes
-                for attention in ATTENTIONS[impl] if device.type == "cpu" or attention != "kernel"
-                for compiled in compiles]
+                for attention in ATTENTIONS[impl] if wanted(impl, attention)
+                for compiled in compiles for mode in modes(impl, compiled)]
     # Windows go round the settings in turn, so a shared machine's drift in speed reaches all of them alike.
     # The first round is not timed: right after the setup, whichever setting ran first took a window 2-3x
     # slower than its others (every vitscope setting, which come first, in full runs on the Zen 4 host).

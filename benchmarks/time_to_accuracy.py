@@ -55,6 +55,7 @@ def run_one(preset: str, seed: int, out: Path, cold: bool, extra: list[str]) -> 
     start = time.perf_counter()
     p = subprocess.run(command, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
+    (out.parent / f"seed{seed}.log").write_text(p.stdout + p.stderr)  # the training log, beside the run
     if p.returncode:
         raise SystemExit(f"seed {seed} failed:\n{p.stderr[-2000:]}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -63,6 +64,7 @@ def run_one(preset: str, seed: int, out: Path, cold: bool, extra: list[str]) -> 
             "train_s": round(sum(r["seconds"] for r in rows), 1), "epochs": len(rows),
             "test_acc": rows[-1]["test_acc"], "precision": config["precision"],
             "compiled": config.get("compiled", False), "cpu": config["hardware"]["cpu"],
+            "gpu": config["hardware"].get("gpu"),
             "torch": config["versions"]["torch"], "run": str(out)}
 
 
@@ -94,11 +96,12 @@ def main() -> None:
     summary = {"preset": args.preset, "seeds": len(results), "mean_test_acc": round(statistics.mean(accs), 5),
                "min_test_acc": min(accs), "max_test_acc": max(accs), "median_wall_s": statistics.median(walls),
                "scored_on": results[0]["scored_on"], "cold_cache": args.cold, "cpu": results[0]["cpu"],
+               "gpu": results[0]["gpu"],
                "precision": results[0]["precision"]}
     print(json.dumps(summary) if args.json else
           f"{args.preset}: mean {summary['scored_on']} accuracy {summary['mean_test_acc']:.2%} over {len(results)} seeds "
           f"(min {summary['min_test_acc']:.2%}, max {summary['max_test_acc']:.2%}); median wall-clock "
-          f"{summary['median_wall_s']:.1f} s on {summary['cpu']} ({summary['precision']})")
+          f"{summary['median_wall_s']:.1f} s on {summary['gpu'] or summary['cpu']} ({summary['precision']})")
 
 
 if __name__ == "__main__":

@@ -110,3 +110,15 @@ def test_each_compiled_function_has_a_compile_cache_of_its_own():
     copy = private_code(bound)
     assert copy(2, y=3) == bound(2, y=3) == 30
     assert copy.__func__.__code__ is not bound.__func__.__code__ and copy.__self__ is bound.__self__
+
+
+@pytest.mark.parametrize("version,kind,changed", [
+    ("2.11.0+cu130", "cuda", ["loop_ordering_after_fusion"]),  # the torch that failed on an H100
+    ("2.12.0", "cuda", []), ("2.13.0", "cuda", []), ("2.11.0", "cpu", [])])
+def test_inductors_loop_reordering_is_turned_off_only_where_it_breaks_the_step(monkeypatch, version, kind, changed):
+    from torch._inductor import config
+
+    monkeypatch.setattr(torch, "__version__", version)
+    with config.patch(loop_ordering_after_fusion=True):  # inductor's settings are restored by its own patch
+        assert device.avoid_known_compiler_bugs(torch.device(kind)) == changed
+        assert config.loop_ordering_after_fusion is not bool(changed)

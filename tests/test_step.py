@@ -212,3 +212,102 @@ def test_what_a_compiled_step_depends_on_names_its_file():
     with torch._inductor.config.patch(cpp_wrapper=True):
         others.append(precompiled_path(method, "model A", (x,), {}))
     assert len({path, *others}) == len(others) + 1
+
+
+class ReplayedEagerly:
+    """Stands in for a CUDA graph on a CPU: 'captures' by keeping the step and its arguments, and 'replays' by
+    calling it on them with the new batch copied in, as a real replay reads the captured buffers."""
+    captures = 0
+
+    def __init__(self, step, args, key):
+        ReplayedEagerly.captures += 1
+        self.step, self.args, self.key = step, args, key
+        self.images, self.labels = args[2].clone(), args[3].clone()
+
+    def replay(self, images, labels):
+        self.images.copy_(images)
+        self.labels.copy_(labels)
+        return self.step(self.args[0], self.args[1], self.images, self.labels)
+
+
+def test_a_graphed_step_is_captured_once_after_its_warmup_calls_and_replayed_for_every_later_step(monkeypatch):
+    import vitscope.step as step_module
+
+    monkeypatch.setattr(step_module, "CapturedStep", ReplayedEagerly)
+    recipe = TrainConfig(optimizer="muon", lr=3e-3, muon_lr=0.02, weight_decay=0.05, epochs=1, schedule="cosine",
+                         warmup_epochs=0.5, compile="off")
+    plain_model, _, plain_losses, _ = run_steps(TINY, recipe, "eager", steps=8)
+
+    torch.manual_seed(0)
+    model = build_model(TINY)
+    optimizer = make_optimizer(model, recipe)
+    step = WholeStep(model, optimizer, make_scheduler(optimizer, recipe, 8), recipe, TINY, CPU, "fp32")
+    step.compiled = step.step
+    step.compiled.__func__.source = None  # read by _graphed: compiled or not
+    step.graph_wanted = True  # as on a CUDA device
+    ReplayedEagerly.captures = 0
+    losses = torch.stack([step(images, labels)[0] for images, labels in batches(8)])
+    # The key of a call (shapes, settings, the tensors' addresses) stays the same from step to step: one capture.
+    assert ReplayedEagerly.captures == 1 and step.calls == step_module.GRAPH_WARMUP_CALLS + 1
+    assert "captured" in step.graph_note
+    # Each batch was trained on once: the capturing call replays its own batch, and nothing runs twice.
+    torch.testing.assert_close(losses, plain_losses, atol=1e-6, rtol=1e-6)
+    for p, q in zip(model.parameters(), plain_model.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-6)
+    # A tensor of the step replaced (as load_state_dict replaces the optimizer's state) changes the key: no
+    # replay of a graph that would read the old one.
+    optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    images, labels = batches(1)[0]
+    before = step.calls
+    step(images, labels)
+    assert step.calls == before + 1
+
+
+def test_a_graphed_step_whose_tensors_are_not_all_on_its_device_is_never_captured(monkeypatch):
+    import vitscope.step as step_module
+
+    monkeypatch.setattr(step_module, "CapturedStep", ReplayedEagerly)
+    recipe = TrainConfig(optimizer="adamw", lr=3e-3, epochs=1, compile="off")
+    model = build_model(TINY)
+    optimizer = make_optimizer(model, recipe)
+    step = WholeStep(model, optimizer, make_scheduler(optimizer, recipe, 8), recipe, TINY, CPU, "fp32")
+    step.compiled = step.step
+    step.compiled.__func__.source = None
+    step.graph_wanted = True
+    on_the_host = optimizer.state_dict  # any object: a stand-in for a tensor the step keeps on the host
+    monkeypatch.setattr(step_module, "_not_on", lambda device, tensors: [on_the_host])
+    ReplayedEagerly.captures = 0
+    for images, labels in batches(6):
+        step(images, labels)
+    assert ReplayedEagerly.captures == 0 and not step.graph_wanted and "1 of the step's tensors" in step.graph_note
+
+
+def test_the_tensors_a_graph_would_not_reach_are_those_on_another_device():
+    from vitscope.step import _not_on
+
+    here, there = torch.zeros(2), torch.zeros(2, device="meta")
+    assert _not_on(torch.device("cpu"), [here, there]) == [there]
+    assert _not_on(torch.device("meta"), [here, there]) == [here]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_on_a_gpu_the_graphed_compiled_step_trains_as_the_compiled_one(optimizer):
+    cuda = torch.device("cuda")
+    recipe = TrainConfig(optimizer=optimizer, lr=3e-3, muon_lr=0.02, weight_decay=0.05, grad_clip=0.5, epochs=1,
+                         schedule="cosine", warmup_epochs=0.5, compile="on", save_compiled_step=False)
+    runs = []
+    for graph in (False, True):
+        torch.manual_seed(0)
+        model = build_model(TINY).to(cuda)
+        opt = make_optimizer(model, recipe)
+        recipe_here = dataclasses.replace(recipe, cuda_graph=graph)
+        step = make_train_step(model, opt, make_scheduler(opt, recipe, 10), recipe_here, TINY, cuda, "bf16")
+        losses = torch.stack([step(images.to(cuda), labels.to(cuda))[0] for images, labels in batches(10)])
+        runs.append((model, losses, step))
+    (plain, plain_losses, _), (graphed, losses, step) = runs
+    assert step.graph is not None, step.graph_note
+    assert step.graph_note.startswith("step captured"), step.graph_note
+    torch.testing.assert_close(losses, plain_losses, atol=1e-4, rtol=1e-4)
+    for p, q in zip(graphed.parameters(), plain.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-4, rtol=1e-3)

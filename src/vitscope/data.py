@@ -313,6 +313,13 @@ def normalize(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
     return (images.float() / 255.0 - mean) / std
 
 
+def _drawn_on(draws: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Random draws, made on the CPU (one generator gives the same augmentation on every device), moved to the
+    batch's device. Without waiting: a blocking copy to a GPU first waits for all the work queued there, so
+    every training step would wait for the one before it. The CPU tensor is staged at once, so it may go."""
+    return draws.to(images.device, non_blocking=True)
+
+
 def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
     """Translate each image of a batch (B, H, W) by its own random offset in [-max_shift, max_shift]
     pixels, filling with background (0), as one gather: no per-image Python."""
@@ -321,7 +328,7 @@ def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generato
     B, H, W = images.shape
     padded = torch.nn.functional.pad(images, (max_shift,) * 4)
     Hp, Wp = H + 2 * max_shift, W + 2 * max_shift
-    offsets = torch.randint(0, 2 * max_shift + 1, (2, B), generator=generator).to(images.device)
+    offsets = _drawn_on(torch.randint(0, 2 * max_shift + 1, (2, B), generator=generator), images)
     # Flat indices into the padded batch (one index tensor gathers ~2x faster than three broadcast ones).
     corner = torch.arange(B, device=images.device) * (Hp * Wp) + offsets[0] * Wp + offsets[1]  # (B,)
     within = (torch.arange(H, device=images.device)[:, None] * Wp + torch.arange(W, device=images.device)).flatten()
@@ -336,7 +343,7 @@ def random_rotate_scale(images: torch.Tensor, max_degrees: float, max_scale: flo
     if max_degrees <= 0 and max_scale <= 0:
         return images
     B, H, W = images.shape
-    draws = torch.rand(2, B, generator=generator).to(images.device) * 2 - 1  # uniform in [-1, 1]
+    draws = _drawn_on(torch.rand(2, B, generator=generator), images) * 2 - 1  # uniform in [-1, 1]
     angle = draws[0] * math.radians(max_degrees)
     scale = 1 + draws[1] * max_scale
     # affine_grid maps output coordinates to input ones: the inverse of "rotate by angle, scale by scale".
@@ -375,7 +382,7 @@ def random_stroke(images: torch.Tensor, max_change: float, generator: torch.Gene
     Pens and fonts draw thinner and thicker than MNIST's writers did."""
     if max_change <= 0:
         return images
-    amount = (torch.rand(images.shape[0], generator=generator).to(images.device) * 2 - 1) * max_change
+    amount = (_drawn_on(torch.rand(images.shape[0], generator=generator), images) * 2 - 1) * max_change
     amount = amount.clamp(min=-1.0)
     levels = [_shrink(images), images]  # levels[k + 1]: the strokes grown by k pixels
     for _ in range(math.ceil(max_change)):
@@ -394,7 +401,7 @@ def random_close(images: torch.Tensor, max_radius: int, generator: torch.Generat
     as a thick pen's 6, 8, 9 and 0 come out."""
     if max_radius <= 0:
         return images
-    radius = torch.randint(0, max_radius + 1, (images.shape[0],), generator=generator).to(images.device)
+    radius = _drawn_on(torch.randint(0, max_radius + 1, (images.shape[0],), generator=generator), images)
     closed, grown = [images], images
     for r in range(1, max_radius + 1):
         grown = _grow(grown)

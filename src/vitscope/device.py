@@ -68,6 +68,26 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
+def avoid_known_compiler_bugs(device: torch.device) -> list[str]:
+    """Turn off what is known to break torch.compile for vitscope's steps on this torch and device; returns the
+    inductor settings changed (process-wide, as inductor's settings are).
+
+    torch before 2.12 on CUDA: inductor's loop reordering after fusion fails an assertion on a graph that mixes
+    `_foreach_*` ops with reductions over tensors of different shapes (pytorch/pytorch#176591, fixed by #176849),
+    as every optimizer update of vitscope's does. Seen on an H100 with torch 2.11.0+cu130: every compiled step
+    failed and training ran eagerly (benchmarks/RESULTS.md). That pass is an optimisation; the step compiles
+    without it. A CPU skips the pass anyway."""
+    from torch._inductor import config
+    from torch.torch_version import TorchVersion
+
+    changed = []
+    if device.type == "cuda" and TorchVersion(torch.__version__) < (2, 12) \
+            and getattr(config, "loop_ordering_after_fusion", False):
+        config.loop_ordering_after_fusion = False
+        changed.append("loop_ordering_after_fusion")
+    return changed
+
+
 class CompiledOrEager:
     """`fn` through torch.compile, which compiles on the first call and fails there if it cannot (no C++
     compiler, an unsupported platform): then a warning, and plain `fn` from then on (a real error in `fn`

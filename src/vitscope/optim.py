@@ -68,7 +68,7 @@ def adamw_update(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs
     `steps` the parameters' 0-d step counts, which advance together. `decoupled=False` is Adam's L2 decay:
     the decay is added to the gradient instead."""
     torch._foreach_add_(steps, 1)
-    step = steps[0].to(lr.device)  # step counts live on the CPU, as torch.optim keeps them
+    step = steps[0].to(lr.device)  # torch.optim's Adam(W) keeps step counts on the CPU unless fused
     if weight_decay and decoupled:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
     elif weight_decay:
@@ -113,7 +113,8 @@ class MuonAdamW(torch.optim.Optimizer):
             if not params:
                 continue
             grads = [p.grad for p in params]
-            lr = torch.tensor(group["lr"], dtype=torch.float32, device=params[0].device)
+            # Filled on the device: a tensor made from a Python float would be a blocking copy to a GPU.
+            lr = torch.full((), group["lr"], dtype=torch.float32, device=params[0].device)
             states = [self._state_of(p, group["muon"]) for p in params]
             if group["muon"]:
                 self.muon_update(params, grads, [s["momentum_buffer"] for s in states], lr, group["momentum"],
@@ -124,14 +125,19 @@ class MuonAdamW(torch.optim.Optimizer):
         return loss
 
     def _state_of(self, p: torch.Tensor, muon: bool) -> dict:
+        """The state of `p`, made on first use. Step counts live beside their parameters, as torch's fused
+        Adam keeps them: on a GPU the update then never reads the host, and a CUDA graph of the step replays
+        it (a checkpoint's counts, loaded on the CPU, move there)."""
         state = self.state[p]
         if not state:
             if muon:
                 state["momentum_buffer"] = torch.zeros_like(p)
             else:
-                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)
+        elif "step" in state and state["step"].device != p.device:
+            state["step"] = state["step"].to(p.device)
         return state
 
 
@@ -150,6 +156,7 @@ class TensorUpdate:
             raise ValueError(f"no tensor update for {type(optimizer).__name__} with these settings")
         self.optimizer = optimizer
         self.position = {p: i for i, p in enumerate(params)}
+        self.rates: dict[int, torch.Tensor] = {}  # per param group: its learning rate, on its parameters' device
 
     @staticmethod
     def supports(optimizer: torch.optim.Optimizer) -> bool:
@@ -165,13 +172,18 @@ class TensorUpdate:
         """Per param group: the positions of its parameters, its settings, its learning rate as a 0-d tensor
         (so a graph serves every step of the schedule) and its state tensors, created where the optimizer has
         not stepped yet. Gathered anew at every step: the schedule moves the rate, `load_state_dict` replaces
-        the state."""
+        the state. The rates are one 0-d tensor per group, kept and filled in place on the parameters' device:
+        no copy from the host per step (on a GPU, a blocking one), and fixed addresses for a CUDA graph."""
         out = []
-        for group in self.optimizer.param_groups:
+        for index, group in enumerate(self.optimizer.param_groups):
             muon = isinstance(self.optimizer, MuonAdamW) and group["muon"]
             states = [self._state_of(p, muon) for p in group["params"]]
+            rate = self.rates.get(index)
+            if rate is None:
+                rate = self.rates[index] = torch.empty((), dtype=torch.float32, device=group["params"][0].device)
+            rate.fill_(group["lr"])
             item = {"indices": [self.position[p] for p in group["params"]], "weight_decay": group["weight_decay"],
-                    "lr": torch.tensor(group["lr"], dtype=torch.float32)}
+                    "lr": rate}
             if muon:
                 item.update(momentum=group["momentum"], ns_steps=group["ns_steps"],
                             buffers=[state["momentum_buffer"] for state in states])

@@ -8,17 +8,22 @@ It comes in two forms with the same arithmetic, chosen by `make_train_step`:
   that is ~1.2x faster than the form below (benchmarks/RESULTS.md). With `TrainConfig.save_compiled_step`
   the compiled step is kept on disk and later processes load it instead of tracing it again
   (`device.precompiled`: ~1 s instead of ~4 s for the `fast` preset's first step).
+  With `TrainConfig.cuda_graph`, on a CUDA GPU, the compiled step is then recorded as a CUDA graph after its
+  first calls (`CapturedStep`), and each later step is one replay of it instead of a launch from the host per
+  kernel, for a model this small many short ones. Off by default until it has been measured on a GPU.
 - the usual one: forward and loss compiled as one graph (or eager), then autograd's backward, clipping and
   the optimizer's own step.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
 
 from .config import TrainConfig, ViTConfig
 from .data import normalize
-from .device import CompiledOrEager, autocast
+from .device import CompiledOrEager, autocast, avoid_known_compiler_bugs
 from .optim import TensorUpdate
 
 
@@ -35,6 +40,8 @@ def make_train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sc
     "auto" first) compiled: the whole step as one graph where `config.compile_whole_step` and the optimizer
     allow (`WholeStep`), else forward and loss as one graph (and Muon's update, compiled by `make_optimizer`).
     benchmarks/throughput.py times this very function."""
+    if config.compile == "on":
+        avoid_known_compiler_bugs(device)
     if config.compile == "on" and config.compile_whole_step and TensorUpdate.supports(optimizer):
         return WholeStep(model, optimizer, scheduler, config, model_config, device, precision)
     mean, std = model_config.pixel_mean, model_config.pixel_std
@@ -90,14 +97,45 @@ class WholeStep:
                       config.label_smoothing, config.softmax_before_loss))
         self.compiled = CompiledOrEager(self.step, saved_as=reads if config.save_compiled_step else None,
                                         fingerprint=self.fingerprint)
+        # CUDA graph: wanted on a CUDA device; `graph` once captured; `graph_note` says what happened, for the log.
+        self.graph_wanted = config.cuda_graph and device.type == "cuda"
+        self.graph, self.graph_note, self.calls = None, None, 0
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor):
+        args = ([p.detach() for p in self.params], self.update.inputs(), images, labels)
         with autocast(self.device, self.precision):  # around the graph: see the class's docstring
-            loss, hits = self.compiled([p.detach() for p in self.params], self.update.inputs(), images, labels)
+            loss, hits = self._graphed(*args) if self.graph_wanted else self.compiled(*args)
         # What optimizer.step() would note for the scheduler, which otherwise warns that it steps first.
         self.optimizer._opt_called = True
         self.scheduler.step()
         return loss, hits
+
+    def _graphed(self, params, update_inputs, images, labels):
+        """The step through its CUDA graph: replayed where this call is the captured one (the same shapes,
+        settings and tensors), captured after GRAPH_WARMUP_CALLS compiled calls, and otherwise, or where
+        capturing fails, the compiled step as it is."""
+        args = (params, update_inputs, images, labels)
+        key = (self.fingerprint(*args), tuple(t.data_ptr() for t in _tensors(args[:2])))
+        if self.graph is not None and self.graph.key == key:
+            return self.graph.replay(images, labels)
+        self.calls += 1
+        if self.calls <= GRAPH_WARMUP_CALLS or self.compiled.source == "eager":
+            return self.compiled(*args)
+        elsewhere = _not_on(images.device, _tensors(args[:2]))
+        if elsewhere:  # a tensor the graph would read or write on the host: its replays would not
+            self.graph_wanted = False
+            self.graph_note = f"no CUDA graph: {len(elsewhere)} of the step's tensors are not on {images.device}"
+            return self.compiled(*args)
+        try:
+            self.graph = CapturedStep(self.compiled, args, key)
+        except Exception as e:  # the step then runs as compiled, launch by launch
+            self.graph_wanted, self.graph = False, None
+            first_line = (str(e).strip().splitlines() or [""])[0][:200]
+            self.graph_note = f"no CUDA graph: capturing the step failed ({type(e).__name__}: {first_line})"
+            warnings.warn(self.graph_note + "; training continues without it", stacklevel=3)
+            return self.compiled(*args)
+        self.graph_note = f"step captured as a CUDA graph at call {self.calls}; each later step replays it"
+        return self.graph.replay(images, labels)
 
     def fingerprint(self, params: list[torch.Tensor], update_inputs: list[dict], images: torch.Tensor,
                     labels: torch.Tensor) -> tuple:
@@ -131,3 +169,47 @@ class WholeStep:
                                             (normalize(images, self.mean, self.std),))
         loss = loss_of(logits.float(), labels, self.config)
         return loss, (loss.detach(), (logits.argmax(1) == labels).sum())
+
+
+GRAPH_WARMUP_CALLS = 3  # compiled calls before the capture: compilation, cuBLAS's handles and workspaces
+
+
+def _tensors(items) -> list[torch.Tensor]:
+    """The tensors in nested lists, tuples and dicts."""
+    if torch.is_tensor(items):
+        return [items]
+    if isinstance(items, dict):
+        items = items.values()
+    elif not isinstance(items, (list, tuple)):
+        return []
+    return [t for item in items for t in _tensors(item)]
+
+
+def _not_on(device: torch.device, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors not on `device` ("cuda" and "cuda:0" are one device when 0 is the current one)."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return [t for t in tensors if t.device != device]
+
+
+class CapturedStep:
+    """A compiled whole step recorded as one CUDA graph (`torch.cuda.CUDAGraph`), replayed per batch.
+
+    A replay runs the recorded kernels on the recorded addresses: the parameters, the optimizer's state and
+    the learning rates are updated where they live (`TensorUpdate` keeps the rates in place on the device),
+    and the batch is copied into the buffers the graph reads. Capturing records without running, so the
+    call that captures then replays once for its own batch. The loss and the count of hits come back as
+    copies: the graph's own outputs are overwritten by the next replay."""
+
+    def __init__(self, step, args: tuple, key):
+        params, update_inputs, images, labels = args
+        self.key, self.images, self.labels = key, images.clone(), labels.clone()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.loss, self.hits = step(params, update_inputs, self.images, self.labels)
+
+    def replay(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images.copy_(images)
+        self.labels.copy_(labels)
+        self.graph.replay()
+        return self.loss.clone(), self.hits.clone()

@@ -232,6 +232,8 @@ def train(model_config: ViTConfig | None, train_config: TrainConfig | None, out:
         bar.close()
         if epoch == start_epoch and train_step.compiled is not None:
             log(train_step.compiled.describe())  # why this process's first epoch took longer, or did not
+            if getattr(train_step, "graph_note", None):
+                log(train_step.graph_note)
         lr = optimizer.param_groups[0]["lr"]  # where the schedule stands at the end of the epoch
         # The last epoch is evaluated in fp32 whatever the training precision, so the final row of metrics.jsonl
         # and `vitscope eval` agree; the epochs before it in the training precision (bf16 halves the cost of
