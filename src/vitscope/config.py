@@ -98,8 +98,8 @@ class TrainConfig:
     # (device.precompiled): ~3 s less per `fast` process than tracing it again. False: trace in every process.
     save_compiled_step: bool = True
     # With the whole step compiled, on a CUDA GPU: record it as a CUDA graph after its first calls and replay
-    # that for every later step (vitscope.step.CapturedStep): one launch per step instead of hundreds. Off until
-    # it has been run on a GPU: its tests there (tests/test_step.py) and benchmarks/gpu_check.sh are ready.
+    # that for every later step (vitscope.step.CapturedStep): one launch per step instead of one per kernel. Off
+    # until it has been run on a GPU: its tests there (tests/test_step.py) and benchmarks/gpu_check.sh are ready.
     cuda_graph: bool = False
     eval_batch_size: int = 1000
     tensorboard: bool = False
