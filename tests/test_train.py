@@ -209,6 +209,20 @@ def test_the_log_says_once_where_the_compiled_step_came_from(monkeypatch, idx_di
                                                             if line.startswith("epoch   1/2"))
 
 
+def test_a_run_whose_compile_failed_records_that_it_trained_uncompiled(monkeypatch, idx_dir, tmp_path):
+    def broken_compile(fn, **kwargs):
+        def call(*args, **kwargs):
+            raise RuntimeError("InductorError: AssertionError")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        run = train(TINY, tiny_recipe(idx_dir, epochs=1, compile="on"), tmp_path / "run", progress=False, log=quiet)
+    record = json.loads(run.config_file.read_text())
+    assert record["compiled"] is False and record["compile_failed"] is True
+    assert record["train"]["compile"] == "on"  # what was asked for stays in the recipe
+
+
 @pytest.mark.parametrize("whole_step", [True, False])  # the whole step as one graph, or forward and loss
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])  # Muon compiles its update too
 def test_a_failing_torch_compile_warns_and_trains_on_uncompiled(monkeypatch, optimizer, whole_step):

@@ -234,6 +234,9 @@ def train(model_config: ViTConfig | None, train_config: TrainConfig | None, out:
             log(train_step.compiled.describe())  # why this process's first epoch took longer, or did not
             if getattr(train_step, "graph_note", None):
                 log(train_step.graph_note)
+            if getattr(train_step.compiled, "source", None) == "eager":  # torch.compile failed: say what ran
+                record = run.read_config()
+                run.write_config({**record, "compiled": False, "compile_failed": True})
         lr = optimizer.param_groups[0]["lr"]  # where the schedule stands at the end of the epoch
         # The last epoch is evaluated in fp32 whatever the training precision, so the final row of metrics.jsonl
         # and `vitscope eval` agree; the epochs before it in the training precision (bf16 halves the cost of
