@@ -197,6 +197,7 @@ def main():
         context["gpu"] = torch.cuda.get_device_name()
     if not args.json:
         print(f"# {context}; training FLOPs per image {train_flops / 1e6:.2f} M", file=sys.stderr)
+
     def wanted(impl: str, attention: str) -> bool:
         if device.type != "cpu" and attention == "kernel":
             return False
