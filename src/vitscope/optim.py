@@ -97,6 +97,7 @@ class MuonAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             if group["muon"] and any(p.ndim != 2 for p in group["params"]):
                 raise ValueError("Muon groups must hold 2-D matrices only")
+        self.register_load_state_dict_post_hook(MuonAdamW._steps_beside_params)
         # Compiled, Muon's update (~40 small ops and 45 bmm) is ~1.5 ms faster per `fast` step, and loads from
         # the compile cache in ~0.5 s per process. AdamW's foreach update stays eager: compiled it would save
         # ~0.3 ms per step, but its two groups cost ~0.7 s of tracing in every new process.
@@ -127,7 +128,7 @@ class MuonAdamW(torch.optim.Optimizer):
     def _state_of(self, p: torch.Tensor, muon: bool) -> dict:
         """The state of `p`, made on first use. Step counts live beside their parameters, as torch's fused
         Adam keeps them: on a GPU the update then never reads the host, and a CUDA graph of the step replays
-        it (a checkpoint's counts, loaded on the CPU, move there)."""
+        it (`_steps_beside_params` moves a checkpoint's counts there)."""
         state = self.state[p]
         if not state:
             if muon:
@@ -136,9 +137,15 @@ class MuonAdamW(torch.optim.Optimizer):
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)
-        elif "step" in state and state["step"].device != p.device:
-            state["step"] = state["step"].to(p.device)
         return state
+
+    @staticmethod
+    def _steps_beside_params(optimizer: "MuonAdamW") -> None:
+        """After load_state_dict, which keeps step counts on the CPU for an optimizer that is not fused: move
+        them to their parameters' device."""
+        for p, state in optimizer.state.items():
+            if "step" in state and state["step"].device != p.device:
+                state["step"] = state["step"].to(p.device)
 
 
 class TensorUpdate:
