@@ -214,6 +214,17 @@ def test_what_a_compiled_step_depends_on_names_its_file():
     assert len({path, *others}) == len(others) + 1
 
 
+class Uncompiled:
+    """A step's function where WholeStep keeps its CompiledOrEager: called as it is, never compiled."""
+    source = None
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+
 class ReplayedEagerly:
     """Stands in for a CUDA graph on a CPU: 'captures' by keeping the step and its arguments, and 'replays' by
     calling it on them with the new batch copied in, as a real replay reads the captured buffers."""
@@ -242,8 +253,7 @@ def test_a_graphed_step_is_captured_once_after_its_warmup_calls_and_replayed_for
     model = build_model(TINY)
     optimizer = make_optimizer(model, recipe)
     step = WholeStep(model, optimizer, make_scheduler(optimizer, recipe, 8), recipe, TINY, CPU, "fp32")
-    step.compiled = step.step
-    step.compiled.__func__.source = None  # read by _graphed: compiled or not
+    step.compiled = Uncompiled(step.step)
     step.graph_wanted = True  # as on a CUDA device
     ReplayedEagerly.captures = 0
     losses = torch.stack([step(images, labels)[0] for images, labels in batches(8)])
@@ -271,8 +281,7 @@ def test_a_graphed_step_whose_tensors_are_not_all_on_its_device_is_never_capture
     model = build_model(TINY)
     optimizer = make_optimizer(model, recipe)
     step = WholeStep(model, optimizer, make_scheduler(optimizer, recipe, 8), recipe, TINY, CPU, "fp32")
-    step.compiled = step.step
-    step.compiled.__func__.source = None
+    step.compiled = Uncompiled(step.step)
     step.graph_wanted = True
     on_the_host = optimizer.state_dict  # any object: a stand-in for a tensor the step keeps on the host
     monkeypatch.setattr(step_module, "_not_on", lambda device, tensors: [on_the_host])

@@ -20,6 +20,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from torch.utils._pytree import tree_leaves
 
 from .config import TrainConfig, ViTConfig
 from .data import normalize
@@ -176,13 +177,7 @@ GRAPH_WARMUP_CALLS = 3  # compiled calls before the capture: compilation, cuBLAS
 
 def _tensors(items) -> list[torch.Tensor]:
     """The tensors in nested lists, tuples and dicts."""
-    if torch.is_tensor(items):
-        return [items]
-    if isinstance(items, dict):
-        items = items.values()
-    elif not isinstance(items, (list, tuple)):
-        return []
-    return [t for item in items for t in _tensors(item)]
+    return [leaf for leaf in tree_leaves(items) if torch.is_tensor(leaf)]
 
 
 def _not_on(device: torch.device, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
