@@ -11,7 +11,7 @@ fed one fixed batch of random uint8 images. After a warm-up (which compiles), ti
 steps go round the variants in turn, so the machine's drift in speed reaches all of them alike; the
 median window is reported, and the speedup over the first variant both as the ratio of medians and as the
 median of the windows' paired ratios. Precision is the preset's `--precision auto` choice unless
---precision says.
+--precision says (`--precision fp32,bf16`: both, side by side).
 """
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="fast")
     ap.add_argument("--batch", type=int, default=0, help="default: the preset's")
-    ap.add_argument("--precision", default="", help="fp32 or bf16 (default: what --precision auto picks)")
+    ap.add_argument("--precision", default="", help="fp32 or bf16, or both comma-separated, each a variant "
+                    "(default: what --precision auto picks)")
     ap.add_argument("--windows", type=int, default=7)
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--threads", type=int, default=0)
@@ -39,6 +40,7 @@ def main() -> None:
                     help="the last block for the class token alone, for every token, or both")
     ap.add_argument("--attention", default="", help="comma-separated ViTConfig.attention forms, each a variant "
                     "(default: the preset's own)")
+    ap.add_argument("--gelu", default="", help="comma-separated ViTConfig.gelu forms, each a variant")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.threads:
@@ -51,7 +53,7 @@ def main() -> None:
     keep_freed_memory()  # as `vitscope train` does
     preset = PRESETS[args.preset]
     device = torch.device("cpu")
-    precision = args.precision or select_precision(preset.train.precision, device)
+    precisions = args.precision.split(",") if args.precision else [select_precision(preset.train.precision, device)]
     batch = args.batch or preset.train.batch_size
     images = torch.randint(0, 256, (batch, 28, 28), dtype=torch.uint8)
     labels = torch.randint(0, 10, (batch,))
@@ -61,9 +63,11 @@ def main() -> None:
     names = {"eager": "eager", "forward": "compiled forward", "whole": "compiled whole step"}
     last_blocks = {"class": [True], "all": [False], "both": [False, True]}[args.last_block]
     attentions = args.attention.split(",") if args.attention else [preset.model.attention]
-    for mode, class_token_only, attention in itertools.product(args.modes.split(","), last_blocks, attentions):
+    gelus = args.gelu.split(",") if args.gelu else [preset.model.gelu]
+    for mode, class_token_only, attention, gelu, precision in itertools.product(
+            args.modes.split(","), last_blocks, attentions, gelus, precisions):
         model_config = dataclasses.replace(preset.model, last_block_class_token_only=class_token_only,
-                                           attention=attention)
+                                           attention=attention, gelu=gelu)
         recipe = dataclasses.replace(preset.train, batch_size=batch, **modes[mode])
         torch.manual_seed(0)
         model = build_model(model_config)
@@ -73,17 +77,20 @@ def main() -> None:
         for _ in range(3):
             step(images, labels)
         last_block = ", last block class token only" if class_token_only else ", whole last block"
-        steps[names[mode] + last_block + (f", {attention} attention" if args.attention else "")] = step
+        name = (names[mode] + last_block + (f", {attention} attention" if args.attention else "")
+                + (f", {gelu} GELU" if args.gelu else "")
+                + (f", {precision}" if len(precisions) > 1 else ""))
+        steps[name] = step, precision
     times = {name: [] for name in steps}
     for _ in range(args.windows):
-        for name, step in steps.items():
+        for name, (step, _) in steps.items():
             start = time.perf_counter()
             for _ in range(args.steps):
                 step(images, labels)
             times[name].append((time.perf_counter() - start) / args.steps * 1e3)
     baseline = next(iter(times.values()))
     for name, values in times.items():
-        row = {"preset": args.preset, "variant": name, "batch": batch, "precision": precision,
+        row = {"preset": args.preset, "variant": name, "batch": batch, "precision": steps[name][1],
                "ms_per_step": round(statistics.median(values), 2),
                "speedup": round(statistics.median(baseline) / statistics.median(values), 3),
                "paired_speedup": round(statistics.median(b / v for b, v in zip(baseline, values)), 3),

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from vitscope import BlogViT, ViT, ViTConfig
-from vitscope.model import HEADS_AS_ROWS_BELOW, executed_flops_per_image, flops_per_image
+from vitscope.errors import VitscopeError
+from vitscope.model import GELU, HEADS_AS_ROWS_BELOW, executed_flops_per_image, flops_per_image
 
 SEED_SIZE = ViTConfig(image_size=28, patch_size=7, in_channels=1, num_classes=10, dim=32, depth=3, heads=4,
                       mlp_dim=128, dropout=0.0)
@@ -84,6 +85,51 @@ def test_last_block_for_the_class_token_alone_gives_the_same_logits_and_gradient
     # Asked for the attention maps, every layer's are whole: (B, heads, T, T), the last one included.
     _, attentions = short(x, return_attention=True)
     assert [a.shape for a in attentions] == [(6, 4, 17, 17)] * 3
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_one_exp_gelu_and_its_gradient_match_atens_exact_gelu(dtype, atol):
+    x64 = torch.cat([torch.linspace(-9, 9, 4001, dtype=torch.float64), torch.randn(2000, dtype=torch.float64) * 3])
+    x = x64.to(dtype).requires_grad_()
+    reference = x.detach().double().requires_grad_()
+    y = GELU("one-exp")(x)
+    expected = F.gelu(reference)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.double(), expected, atol=atol, rtol=atol)
+    grad = torch.randn_like(x64)
+    y.backward(grad.to(dtype))
+    expected.backward(grad)
+    assert x.grad.dtype == dtype
+    torch.testing.assert_close(x.grad.double(), reference.grad, atol=atol * 4, rtol=atol)
+
+
+def test_gelu_auto_is_one_exp_only_when_training_on_a_cpu(monkeypatch):
+    calls = []
+    monkeypatch.setattr("vitscope.model._OneExpGELU.apply", lambda x: calls.append(x) or F.gelu(x))
+    gelu, x = GELU("auto"), torch.randn(4, requires_grad=True)
+    gelu(x)
+    assert len(calls) == 1
+    gelu.eval()(x)
+    with torch.no_grad():
+        gelu.train()(x)
+    GELU("aten")(x)
+    assert len(calls) == 1
+    with pytest.raises(VitscopeError, match="gelu must be"):
+        ViTConfig(gelu="tanh").validate()
+
+
+def test_a_model_with_one_exp_gelu_gives_atens_logits_and_gradients():
+    torch.manual_seed(0)
+    fast = ViT(ViTConfig(**{**SEED_SIZE.__dict__, "gelu": "one-exp"}))
+    aten = ViT(ViTConfig(**{**SEED_SIZE.__dict__, "gelu": "aten"}))
+    aten.load_state_dict(fast.state_dict())
+    x, labels = torch.randn(6, 1, 28, 28), torch.randint(0, 10, (6,))
+    logits_fast, logits_aten = fast(x), aten(x)
+    torch.testing.assert_close(logits_fast, logits_aten, atol=1e-5, rtol=1e-5)
+    F.cross_entropy(logits_fast, labels).backward()
+    F.cross_entropy(logits_aten, labels).backward()
+    for (name, a), b in zip(fast.named_parameters(), aten.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
 def test_explicit_attention_equals_a_per_head_computation_from_the_weights():

@@ -33,6 +33,9 @@ class ViTConfig:
     # Standard deviation of the position embeddings at initialisation. timm and the paper use 0.02; at 16
     # tokens a larger one lets the class token tell patches apart from the first step (fast preset: 1.0).
     pos_embed_std: float = 0.02
+    # The MLP's exact GELU: "aten" = F.gelu; "one-exp" = one exp shared by GELU and its slope (model.GELU);
+    # "auto" = one-exp when training on a CPU, where it makes the backward cheaper, F.gelu elsewhere.
+    gelu: str = "auto"
     # The head reads the class token alone, so the last block can skip the other tokens' outputs: the same
     # logits for ~1/depth less work. Off, the last block computes every token, as other implementations do.
     last_block_class_token_only: bool = True
@@ -48,6 +51,8 @@ class ViTConfig:
     def validate(self) -> None:
         if self.attention not in ("auto", "fused", "explicit", "kernel"):
             raise VitscopeError(f"attention must be auto, fused, explicit or kernel, not {self.attention!r}")
+        if self.gelu not in ("auto", "aten", "one-exp"):
+            raise VitscopeError(f"gelu must be auto, aten or one-exp, not {self.gelu!r}")
         if self.architecture not in ("vit", "blog"):
             raise VitscopeError(f"unknown architecture {self.architecture!r}: choose vit or blog")
         if self.image_size % self.patch_size:
