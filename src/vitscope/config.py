@@ -33,8 +33,8 @@ class ViTConfig:
     # Standard deviation of the position embeddings at initialisation. timm and the paper use 0.02; at 16
     # tokens a larger one lets the class token tell patches apart from the first step (fast preset: 1.0).
     pos_embed_std: float = 0.02
-    # The MLP's exact GELU: "aten" = F.gelu; "one-exp" = one exp shared by GELU and its slope (model.GELU);
-    # "auto" = one-exp when training on a CPU, where it makes the backward cheaper, F.gelu elsewhere.
+    # The MLP's exact GELU in training: "aten" = F.gelu; "one-exp" = one exp shared by GELU and its slope
+    # (model.GELU: a cheaper backward); "auto" = one-exp on a CPU, F.gelu on GPUs. Evaluation and export: F.gelu.
     gelu: str = "auto"
     # The head reads the class token alone, so the last block can skip the other tokens' outputs: the same
     # logits for ~1/depth less work. Off, the last block computes every token, as other implementations do.

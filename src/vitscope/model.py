@@ -163,17 +163,18 @@ class _OneExpGELU(torch.autograd.Function):
 
 
 class GELU(nn.Module):
-    """The exact (erf) GELU. `implementation`: "aten" = F.gelu; "one-exp" = _OneExpGELU (the same numbers
-    to ~4e-7, a cheaper backward); "auto" = one-exp when training on a CPU, F.gelu otherwise (GPUs, and
-    evaluation, prediction and export, which have no backward)."""
+    """The exact (erf) GELU. Where a backward may follow (training mode, gradients on), `implementation`
+    picks how: "aten" = F.gelu; "one-exp" = _OneExpGELU (the same numbers to ~4e-7, a cheaper backward);
+    "auto" = one-exp on a CPU, F.gelu on GPUs. Evaluation, prediction and export run F.gelu: with no
+    backward there is nothing to share, and exporters know F.gelu."""
 
     def __init__(self, implementation: str = "auto"):
         super().__init__()
         self.implementation = implementation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        one_exp = self.implementation == "one-exp" or (
-            self.implementation == "auto" and self.training and x.device.type == "cpu" and torch.is_grad_enabled())
+        one_exp = self.training and torch.is_grad_enabled() and (
+            self.implementation == "one-exp" or (self.implementation == "auto" and x.device.type == "cpu"))
         return _OneExpGELU.apply(x) if one_exp else F.gelu(x)
 
 
