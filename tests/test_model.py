@@ -12,6 +12,17 @@ SEED_SIZE = ViTConfig(image_size=28, patch_size=7, in_channels=1, num_classes=10
                       mlp_dim=128, dropout=0.0)
 
 
+def assert_same_logits_and_gradients(a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor) -> None:
+    """Two models with the same weights: the same logits, and the same gradients of a cross-entropy loss."""
+    labels = torch.randint(0, 10, (x.shape[0],))
+    logits_a, logits_b = a(x), b(x)
+    torch.testing.assert_close(logits_a, logits_b, atol=1e-5, rtol=1e-5)
+    F.cross_entropy(logits_a, labels).backward()
+    F.cross_entropy(logits_b, labels).backward()
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
 def test_logits_and_attention_shapes_follow_the_config():
     model = ViT(SEED_SIZE).eval()
     x = torch.randn(3, 1, 28, 28)
@@ -75,13 +86,7 @@ def test_last_block_for_the_class_token_alone_gives_the_same_logits_and_gradient
     full = ViT(ViTConfig(**{**config.__dict__, "last_block_class_token_only": False}))
     full.load_state_dict(short.state_dict())
     x = torch.randn(6, 1, 28, 28)
-    labels = torch.randint(0, 10, (6,))
-    logits_short, logits_full = short(x), full(x)
-    torch.testing.assert_close(logits_short, logits_full, atol=1e-5, rtol=1e-5)
-    F.cross_entropy(logits_short, labels).backward()
-    F.cross_entropy(logits_full, labels).backward()
-    for (name, a), b in zip(short.named_parameters(), full.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-4, msg=name)
+    assert_same_logits_and_gradients(short, full, x)
     # Asked for the attention maps, every layer's are whole: (B, heads, T, T), the last one included.
     _, attentions = short(x, return_attention=True)
     assert [a.shape for a in attentions] == [(6, 4, 17, 17)] * 3
@@ -125,13 +130,7 @@ def test_a_model_with_one_exp_gelu_gives_atens_logits_and_gradients():
     fast = ViT(ViTConfig(**{**SEED_SIZE.__dict__, "gelu": "one-exp"}))
     aten = ViT(ViTConfig(**{**SEED_SIZE.__dict__, "gelu": "aten"}))
     aten.load_state_dict(fast.state_dict())
-    x, labels = torch.randn(6, 1, 28, 28), torch.randint(0, 10, (6,))
-    logits_fast, logits_aten = fast(x), aten(x)
-    torch.testing.assert_close(logits_fast, logits_aten, atol=1e-5, rtol=1e-5)
-    F.cross_entropy(logits_fast, labels).backward()
-    F.cross_entropy(logits_aten, labels).backward()
-    for (name, a), b in zip(fast.named_parameters(), aten.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-4, msg=name)
+    assert_same_logits_and_gradients(fast, aten, torch.randn(6, 1, 28, 28))
 
 
 def test_explicit_attention_equals_a_per_head_computation_from_the_weights():
