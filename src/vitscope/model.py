@@ -7,6 +7,7 @@ Parameter names and shapes follow timm's VisionTransformer (`patch_embed.proj`, 
 from __future__ import annotations
 
 
+import math
 import warnings
 
 import torch
@@ -127,11 +128,13 @@ class Attention(nn.Module):
 # 7.1.26, |error| < 1.5e-7): the approximation ATen's vectorised CPU erf computes too.
 _AS_P = 0.3275911
 _AS_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
+_SQRT_HALF = math.sqrt(0.5)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)  # phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
 
 
 def _normal_cdf_and_exp(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Phi(x) and exp(-x^2 / 2), from one exp and one division."""
-    z = x.abs() * 0.7071067811865476
+    z = x.abs() * _SQRT_HALF
     t = 1.0 / (1.0 + _AS_P * z)
     a1, a2, a3, a4, a5 = _AS_A
     e = torch.exp(-z * z)
@@ -159,7 +162,7 @@ class _OneExpGELU(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         x32 = x.float()
         cdf, e = _normal_cdf_and_exp(x32)
-        return (grad.float() * (cdf + x32 * e * 0.3989422804014327)).to(grad.dtype)
+        return (grad.float() * (cdf + x32 * e * _INV_SQRT_2PI)).to(grad.dtype)
 
 
 class GELU(nn.Module):
