@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("--size", choices=["seed", "mid"], help="throughput.py's model size and step, not a preset's")
     ap.add_argument("--precision", default="", help="fp32 or bf16 (default: the preset's, as `vitscope train`)")
     ap.add_argument("--shapes", action="store_true", help="also the matmuls by shape, with GFLOP/s")
+    ap.add_argument("--attention", default="explicit", help="with --size: the ViTConfig.attention form")
     args = ap.parse_args()
     import torch._inductor.config
     torch._inductor.config.cpp.enable_kernel_profile = True  # each generated kernel a profiler event
@@ -45,7 +46,7 @@ def main() -> None:
     if args.size:
         from throughput import SIZES  # this folder's
         from vitscope import TrainConfig, ViTConfig
-        model_config = ViTConfig(attention="explicit", **SIZES[args.size])
+        model_config = ViTConfig(attention=args.attention, **SIZES[args.size])
         recipe = TrainConfig(optimizer="adamw", lr=1e-3, compile="on", batch_size=args.batch or 256)
         name = f"{args.size} size"
     else:

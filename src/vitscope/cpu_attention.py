@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "kernels" / "attention.cpp"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 DTYPES = (torch.float32, torch.bfloat16)
-LANES = 16  # images per vector in the kernel (its L)
+LANES = 16  # images per vector in the kernel's lane form (its L)
+ROW_FORM_MULTIPLE = 16  # head sizes that are multiples of this run in the kernel's row form
 
 
 def compiler() -> str | None:
@@ -137,21 +138,26 @@ def attention(qkv: torch.Tensor, heads: int, scale: float) -> tuple[torch.Tensor
     qkv = qkv.contiguous()
     B, T, D3 = qkv.shape
     out = qkv.new_empty(B, T, D3 // 3)
-    probs = qkv.new_empty(probs_shape(B, T, heads), dtype=torch.float32)
+    probs = qkv.new_empty(probs_shape(B, T, heads, D3 // 3 // heads), dtype=torch.float32)
     _library().vitscope_attention_forward(qkv.data_ptr(), B, T, heads, D3 // 3 // heads, scale, out.data_ptr(),
                                           probs.data_ptr(), int(qkv.dtype == torch.bfloat16))
     return out, probs
 
 
-def probs_shape(batch: int, tokens: int, heads: int) -> tuple:
-    """The saved probabilities' shape: (group, query, key, lane), a group being 16 images of one head."""
+def probs_shape(batch: int, tokens: int, heads: int, head_dim: int) -> tuple:
+    """The saved probabilities' shape. The kernel's row form (head sizes that are multiples of 16):
+    (image and head, query, key padded to a multiple of 16). Its lane form: (group, query, key, lane), a group
+    being 16 images of one head."""
+    if head_dim % ROW_FORM_MULTIPLE == 0:
+        return batch * heads, tokens, -(-tokens // 16) * 16
     return heads * -(-batch // LANES), tokens, tokens, LANES
 
 
 @attention.register_fake
 def _(qkv, heads, scale):
     B, T, D3 = qkv.shape
-    return qkv.new_empty(B, T, D3 // 3), qkv.new_empty(probs_shape(B, T, heads), dtype=torch.float32)
+    return qkv.new_empty(B, T, D3 // 3), qkv.new_empty(probs_shape(B, T, heads, D3 // 3 // heads),
+                                                       dtype=torch.float32)
 
 
 @torch.library.custom_op(f"vitscope::attention_backward_{VERSION}", mutates_args=())

@@ -34,11 +34,19 @@ class PatchEmbed(nn.Module):
         return F.linear(patches.reshape(B, -1, C * P * P), self.proj.weight.flatten(1), self.proj.bias)  # (B, N, D)
 
 
-# Largest head size at which "auto" attention on a CPU runs cpu_attention's kernel. Compiled whole step,
+# Largest head size at which "auto" attention on a CPU runs cpu_attention's lane form. Compiled whole step,
 # Zen 4, side by side in one process: `seed` size (head size 8, 17 tokens, batch 256) 1.19-1.26x as fast in
-# bf16 and 1.12x in fp32 with it; `fast` (head size 16) 0.95x, then 1.03x and 1.00x once the kernel moved
-# rows with 16 x 16 transposes: no gain, so it keeps the explicit form (benchmarks/RESULTS.md).
+# bf16 and 1.12x in fp32 with it; at head size 16 the lane form gained nothing (benchmarks/RESULTS.md).
 KERNEL_HEAD_DIM_MAX = 8
+
+
+def kernel_is_faster(head_dim: int) -> bool:
+    """Whether "auto" attention runs cpu_attention's kernel at this head size (on an AVX-512 CPU): its lane form
+    up to KERNEL_HEAD_DIM_MAX, and its row form at multiples of 16. The row form, Intel host (AVX-512, AMX),
+    compiled whole step, both orders: `fast` (head size 16, 17 tokens) 1.10x and 1.09x; the mid size of
+    benchmarks/throughput.py (head size 32, 50 tokens) in bf16 1.05x (benchmarks/RESULTS.md)."""
+    return head_dim <= KERNEL_HEAD_DIM_MAX or head_dim % cpu_attention.ROW_FORM_MULTIPLE == 0
+
 
 # Head sizes below which the class-token-only attention runs with the heads as rows (Attention, explicit form).
 HEADS_AS_ROWS_BELOW = 16
@@ -53,8 +61,8 @@ def _exporting() -> bool:
 class Attention(nn.Module):
     """Multi-head self-attention. `implementation` "fused" uses F.scaled_dot_product_attention, "explicit"
     the three ops softmax(QK^T * scale) V, "kernel" vitscope's own CPU kernel (cpu_attention), "auto" fused
-    on GPUs and on AVX-512 CPUs the kernel at head sizes up to KERNEL_HEAD_DIM_MAX, explicit otherwise (at these sizes
-    the CPU flash kernel is slower than three small matmuls). Explicit whenever the weights are asked for,
+    on GPUs, on AVX-512 CPUs the kernel at the head sizes where it measured faster (`kernel_is_faster`),
+    explicit otherwise (at these sizes the CPU flash kernel is slower than three small matmuls). Explicit whenever the weights are asked for,
     and while exporting (the kernel is not a standard op); explicit too where the kernel cannot be built.
 
     `scale` defaults to 1/sqrt(head_dim), as in the paper; the blog model overrides it.
@@ -69,7 +77,7 @@ class Attention(nn.Module):
         self.head_dim = dim // heads
         self.scale = scale if scale is not None else self.head_dim ** -0.5
         self.implementation = implementation
-        wanted = implementation == "kernel" or (implementation == "auto" and self.head_dim <= KERNEL_HEAD_DIM_MAX
+        wanted = implementation == "kernel" or (implementation == "auto" and kernel_is_faster(self.head_dim)
                                                  and cpu_attention.faster_here())
         self.kernel = wanted and cpu_attention.available()  # on a CPU, for fp32 and bf16 (`supports`)
         if implementation == "kernel" and not self.kernel:

@@ -1,6 +1,8 @@
 // Multi-head self-attention on a CPU for the small shapes of an MNIST ViT: softmax(Q K^T * scale) V, forward
-// and backward, for 16 images of one head at a time (one image per vector lane) with all of their tokens in
-// fp32 scratch, OpenMP over those groups.
+// and backward, in one of two forms, OpenMP over their pieces of work. The lane form (head sizes that are not
+// multiples of 16, the seed size's 8): 16 images of one head at a time, one image per vector lane, with all of
+// their tokens in fp32 scratch. The row form (head sizes 16, 32, ...): one image and head at a time, each
+// product a register-blocked matrix product (see "The row form" below).
 //
 // At the seed size (17 tokens of head size 8), ATen runs this core as 1024 matmuls of 17x17x8 per layer at
 // ~25 GFLOP/s, and softmax and the q/k/v layouts are more passes over memory: 35-43% of a compiled training
@@ -330,13 +332,270 @@ void backward(const T* qkv, const T* grad_out, const float* probs, int64_t batch
     }
 }
 
-// Head sizes with a loop length known at compile time; others take the general path.
+// ---- The row form: one (image, head) pair at a time, for head sizes that are multiples of 16 ----
+//
+// At the mid size (50 tokens, head size 32) the lane form above is load-bound: each of its multiply-adds
+// reads both operands from memory. Here each pair's q, k and v are copied into fp32 scratch (k or v also
+// transposed, with its token axis padded to a multiple of 16), and every product of the attention is one
+// register-blocked matrix product, `matmul`: a panel of R rows by 16 * NV columns summed in registers, the
+// B row loaded once per k and each A element broadcast. The probabilities are saved as (B * H, T, T padded).
+
+inline int64_t padded(int64_t n) { return (n + 15) / 16 * 16; }
+
+// rows of a panel for NV 16-wide vectors: R * NV accumulators, NV B vectors and one broadcast in 32 registers
+template <int NV>
+constexpr int panel_rows = NV == 1 ? 24 : NV == 2 ? 12 : NV == 3 ? 8 : 6;
+
+// c[r][0:16 NV] = scale * sum_k a[r * am + k * ak] * b[k * ldb + 0:16 NV], r < R
+template <int NV, int R>
+inline void panel(const float* a, int64_t am, int64_t ak, const float* b, int64_t ldb, int64_t K, float scale,
+                  float* c, int64_t ldc) {
+#if defined(__AVX512F__)
+    __m512 acc[R][NV];
+#pragma GCC unroll 32
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; ++k) {
+        __m512 row[NV];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) row[v] = _mm512_loadu_ps(b + k * ldb + 16 * v);
+        const float* column = a + k * ak;
+#pragma GCC unroll 32
+        for (int r = 0; r < R; ++r) {
+            const __m512 x = _mm512_set1_ps(column[r * am]);
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(x, row[v], acc[r][v]);
+        }
+    }
+    const __m512 factor = _mm512_set1_ps(scale);
+#pragma GCC unroll 32
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + r * ldc + 16 * v, _mm512_mul_ps(acc[r][v], factor));
+#else
+    for (int r = 0; r < R; ++r) {
+        float acc[16 * NV] = {};
+        for (int64_t k = 0; k < K; ++k) {
+            const float x = a[r * am + k * ak];
+#pragma omp simd
+            for (int w = 0; w < 16 * NV; ++w) acc[w] += x * b[k * ldb + w];
+        }
+        for (int w = 0; w < 16 * NV; ++w) c[r * ldc + w] = acc[w] * scale;
+    }
+#endif
+}
+
+// the last rows < R of a product, as a panel of exactly that many rows
+template <int NV, int R>
+inline void last_panel(int64_t rows, const float* a, int64_t am, int64_t ak, const float* b, int64_t ldb, int64_t K,
+                       float scale, float* c, int64_t ldc) {
+    if constexpr (R > 1) {
+        if (rows < R) return last_panel<NV, R - 1>(rows, a, am, ak, b, ldb, K, scale, c, ldc);
+    }
+    panel<NV, R>(a, am, ak, b, ldb, K, scale, c, ldc);
+}
+
+template <int NV>
+void matmul_columns(int64_t M, int64_t K, const float* a, int64_t am, int64_t ak, const float* b, int64_t ldb,
+                    float scale, float* c, int64_t ldc) {
+    constexpr int R = panel_rows<NV>;
+    int64_t m = 0;
+    for (; m + R <= M; m += R) panel<NV, R>(a + m * am, am, ak, b, ldb, K, scale, c + m * ldc, ldc);
+    if (m < M) last_panel<NV, R - 1>(M - m, a + m * am, am, ak, b, ldb, K, scale, c + m * ldc, ldc);
+}
+
+// C (M x W) = scale * A B, with A's element (m, k) at a[m * am + k * ak] (A or a transposed A), B (K x W) with
+// rows ldb apart, W a multiple of 16
+void matmul(int64_t M, int64_t W, int64_t K, const float* a, int64_t am, int64_t ak, const float* b, int64_t ldb,
+            float scale, float* c, int64_t ldc) {
+    int64_t w = 0;
+    for (; w + 64 <= W; w += 64) matmul_columns<4>(M, K, a, am, ak, b + w, ldb, scale, c + w, ldc);
+    switch ((W - w) / 16) {
+        case 1: matmul_columns<1>(M, K, a, am, ak, b + w, ldb, scale, c + w, ldc); break;
+        case 2: matmul_columns<2>(M, K, a, am, ak, b + w, ldb, scale, c + w, ldc); break;
+        case 3: matmul_columns<3>(M, K, a, am, ak, b + w, ldb, scale, c + w, ldc); break;
+        default: break;
+    }
+}
+
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(uint16_t* p, __m512 v) {  // rounded to nearest even, as `store`
+    const __m512i bits = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    rounded = _mm512_mask_blend_epi32(nan, rounded, _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(rounded));
+}
+#endif
+
+// x[i][c] = rows[i * stride + c] * scale, for n rows of d (a multiple of 16)
+template <typename T>
+void load_rows(const T* rows, int64_t n, int64_t stride, int64_t d, float scale, float* x) {
+#if defined(__AVX512F__)
+    const __m512 factor = _mm512_set1_ps(scale);
+    for (int64_t i = 0; i < n; ++i)
+        for (int64_t c = 0; c < d; c += 16) _mm512_storeu_ps(x + i * d + c, _mm512_mul_ps(load16(rows + i * stride + c), factor));
+#else
+    for (int64_t i = 0; i < n; ++i)
+        for (int64_t c = 0; c < d; ++c) x[i * d + c] = load(rows + i * stride + c) * scale;
+#endif
+}
+
+// x[c][j] = rows[j * stride + c], zeros for the padding j >= n
+template <typename T>
+void load_transposed(const T* rows, int64_t n, int64_t stride, int64_t d, int64_t np, float* x) {
+#if defined(__AVX512F__)
+    for (int64_t j0 = 0; j0 < np; j0 += 16)  // 16 x 16 blocks, transposed in registers
+        for (int64_t c0 = 0; c0 < d; c0 += 16) {
+            __m512 r[16];
+            for (int64_t j = 0; j < 16; ++j)
+                r[j] = j0 + j < n ? load16(rows + (j0 + j) * stride + c0) : _mm512_setzero_ps();
+            transpose16(r);
+            for (int64_t c = 0; c < 16; ++c) _mm512_storeu_ps(x + (c0 + c) * np + j0, r[c]);
+        }
+#else
+    for (int64_t c = 0; c < d; ++c) std::fill(x + c * np + n, x + (c + 1) * np, 0.0f);
+    for (int64_t j = 0; j < n; ++j)
+        for (int64_t c = 0; c < d; ++c) x[c * np + j] = load(rows + j * stride + c);
+#endif
+}
+
+template <typename T>
+void store_rows(const float* x, int64_t n, int64_t d, T* rows, int64_t stride) {
+#if defined(__AVX512F__)
+    for (int64_t i = 0; i < n; ++i)
+        for (int64_t c = 0; c < d; c += 16) store16(rows + i * stride + c, _mm512_loadu_ps(x + i * d + c));
+#else
+    for (int64_t i = 0; i < n; ++i)
+        for (int64_t c = 0; c < d; ++c) store(rows + i * stride + c, x[i * d + c]);
+#endif
+}
+
+// softmax over s[0:n] in place; the padding s[n:np] set to 0
+#if defined(__AVX512F__)
+// exp_nonpositive, 16 at a time (the same polynomial; scalef multiplies by 2^n)
+inline __m512 exp_nonpositive(__m512 x) {
+    const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(1.4426950408889634f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.6931471805599453f));
+    __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+inline __mmask16 first_lanes(int64_t count) {  // the lanes of a 16-wide piece that hold columns < n
+    return count >= 16 ? __mmask16(0xffff) : count <= 0 ? __mmask16(0) : __mmask16((1u << count) - 1);
+}
+
+// In intrinsics: GCC leaves the maximum's reduction scalar and branchy without -ffast-math (~40% of the
+// forward at 50 tokens).
+inline void softmax_row(float* s, int64_t n, int64_t np) {
+    const __m512 lowest = _mm512_set1_ps(-INFINITY);
+    __m512 top = lowest;
+    for (int64_t j = 0; j < n; j += 16) top = _mm512_max_ps(top, _mm512_mask_loadu_ps(lowest, first_lanes(n - j), s + j));
+    const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t j = 0; j < np; j += 16) {
+        const __m512 e = _mm512_maskz_mov_ps(first_lanes(n - j), exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s + j), shift)));
+        _mm512_storeu_ps(s + j, e);
+        total = _mm512_add_ps(total, e);
+    }
+    const __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
+    for (int64_t j = 0; j < np; j += 16) _mm512_storeu_ps(s + j, _mm512_mul_ps(_mm512_loadu_ps(s + j), inverse));
+}
+#else
+inline void softmax_row(float* s, int64_t n, int64_t np) {
+    float top = s[0];
+    for (int64_t j = 1; j < n; ++j) top = std::max(top, s[j]);
+    float total = 0.0f;
+    for (int64_t j = 0; j < n; ++j) {
+        s[j] = exp_nonpositive(s[j] - top);
+        total += s[j];
+    }
+    const float inverse = 1.0f / total;
+    for (int64_t j = 0; j < n; ++j) s[j] *= inverse;
+    std::fill(s + n, s + np, 0.0f);
+}
+#endif
+
+template <typename T>
+void forward_rows(const T* qkv, int64_t batch, int64_t n, int64_t heads, int64_t d, float scale, T* out,
+                  float* probs) {
+    const int64_t dim = heads * d, stride = 3 * dim, np = padded(n);
+#pragma omp parallel
+    {
+        std::vector<float> q(n * d), kt(d * np), v(n * d), o(n * d);
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < batch * heads; ++bh) {
+            const int64_t b = bh / heads, h = bh % heads;
+            const T* rows = qkv + b * n * stride + h * d;
+            load_rows(rows, n, stride, d, scale, q.data());
+            load_transposed(rows + dim, n, stride, d, np, kt.data());
+            load_rows(rows + 2 * dim, n, stride, d, 1.0f, v.data());
+            float* p = probs + bh * n * np;
+            matmul(n, np, d, q.data(), d, 1, kt.data(), np, 1.0f, p, np);  // scores
+            for (int64_t i = 0; i < n; ++i) softmax_row(p + i * np, n, np);
+            matmul(n, d, n, p, np, 1, v.data(), d, 1.0f, o.data(), d);  // P V
+            store_rows(o.data(), n, d, out + b * n * dim + h * d, dim);
+        }
+    }
+}
+
+template <typename T>
+void backward_rows(const T* qkv, const T* grad_out, const float* probs, int64_t batch, int64_t n, int64_t heads,
+                   int64_t d, float scale, T* grad_qkv) {
+    const int64_t dim = heads * d, stride = 3 * dim, np = padded(n);
+#pragma omp parallel
+    {
+        std::vector<float> q(n * d), k(n * d), vt(d * np), go(n * d), ds(n * np), grad(n * d);
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < batch * heads; ++bh) {
+            const int64_t b = bh / heads, h = bh % heads;
+            const T* rows = qkv + b * n * stride + h * d;
+            T* grad_rows = grad_qkv + b * n * stride + h * d;
+            load_rows(rows, n, stride, d, scale, q.data());
+            load_rows(rows + dim, n, stride, d, 1.0f, k.data());
+            load_transposed(rows + 2 * dim, n, stride, d, np, vt.data());
+            load_rows(grad_out + b * n * dim + h * d, n, dim, d, 1.0f, go.data());
+            const float* p = probs + bh * n * np;
+            matmul(n, np, d, go.data(), d, 1, vt.data(), np, 1.0f, ds.data(), np);  // dP = dO V^T
+            for (int64_t i = 0; i < n; ++i) {  // dS = P * (dP - rowsum(P * dP)); 0 in the padding, where P is
+                const float* pi = p + i * np;
+                float* dsi = ds.data() + i * np;
+                float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+                for (int64_t j = 0; j < np; ++j) dot += pi[j] * dsi[j];
+#pragma omp simd
+                for (int64_t j = 0; j < np; ++j) dsi[j] = pi[j] * (dsi[j] - dot);
+            }
+            matmul(n, d, n, ds.data(), np, 1, k.data(), d, scale, grad.data(), d);  // dQ = scale dS K
+            store_rows(grad.data(), n, d, grad_rows, stride);
+            matmul(n, d, n, ds.data(), 1, np, q.data(), d, 1.0f, grad.data(), d);  // dK = dS^T (scale Q)
+            store_rows(grad.data(), n, d, grad_rows + dim, stride);
+            matmul(n, d, n, p, 1, np, go.data(), d, 1.0f, grad.data(), d);  // dV = P^T dO
+            store_rows(grad.data(), n, d, grad_rows + 2 * dim, stride);
+        }
+    }
+}
+
+// The lane form: head size 8 (the seed size's) with a loop length known at compile time; others the general
+// path. (Multiples of 16 take the row form.)
 #define VITSCOPE_DISPATCH(FN, T, D, ...)                  \
     switch (D) {                                          \
         case 8: FN<T, 8>(__VA_ARGS__); break;             \
-        case 16: FN<T, 16>(__VA_ARGS__); break;           \
-        case 32: FN<T, 32>(__VA_ARGS__); break;           \
-        case 64: FN<T, 64>(__VA_ARGS__); break;           \
         default: FN<T, 0>(__VA_ARGS__); break;            \
     }
 
@@ -344,11 +603,15 @@ void backward(const T* qkv, const T* grad_out, const float* probs, int64_t batch
 
 extern "C" {
 
-// qkv (B, T, 3, H, d) contiguous; out (B, T, H, d); probs (H * ceil(B / 16), T, T, 16) fp32, [group][query][key][lane].
+// qkv (B, T, 3, H, d) contiguous; out (B, T, H, d); probs fp32, in the row form (B * H, T, T padded to a multiple
+// of 16), in the lane form (H * ceil(B / 16), T, T, 16), [group][query][key][lane].
 // bf16 != 0: qkv and out are bf16.
 void vitscope_attention_forward(const void* qkv, int64_t batch, int64_t n, int64_t heads, int64_t d, float scale,
                                 void* out, float* probs, int bf16) {
-    if (bf16) {
+    if (d % 16 == 0) {
+        if (bf16) forward_rows(static_cast<const uint16_t*>(qkv), batch, n, heads, d, scale, static_cast<uint16_t*>(out), probs);
+        else forward_rows(static_cast<const float*>(qkv), batch, n, heads, d, scale, static_cast<float*>(out), probs);
+    } else if (bf16) {
         VITSCOPE_DISPATCH(forward, uint16_t, d, static_cast<const uint16_t*>(qkv), batch, n, heads, d, scale,
                           static_cast<uint16_t*>(out), probs)
     } else {
@@ -360,7 +623,10 @@ void vitscope_attention_forward(const void* qkv, int64_t batch, int64_t n, int64
 // grad_out (B, T, H, d) contiguous, of qkv's dtype; grad_qkv (B, T, 3, H, d), every element written.
 void vitscope_attention_backward(const void* qkv, const void* grad_out, const float* probs, int64_t batch, int64_t n,
                                  int64_t heads, int64_t d, float scale, void* grad_qkv, int bf16) {
-    if (bf16) {
+    if (d % 16 == 0) {
+        if (bf16) backward_rows(static_cast<const uint16_t*>(qkv), static_cast<const uint16_t*>(grad_out), probs, batch, n, heads, d, scale, static_cast<uint16_t*>(grad_qkv));
+        else backward_rows(static_cast<const float*>(qkv), static_cast<const float*>(grad_out), probs, batch, n, heads, d, scale, static_cast<float*>(grad_qkv));
+    } else if (bf16) {
         VITSCOPE_DISPATCH(backward, uint16_t, d, static_cast<const uint16_t*>(qkv),
                           static_cast<const uint16_t*>(grad_out), probs, batch, n, heads, d, scale,
                           static_cast<uint16_t*>(grad_qkv))
