@@ -5,6 +5,7 @@ and with each attention form asked for.
     python benchmarks/step_time.py --preset seed
     python benchmarks/step_time.py --preset fast --last-block class --json
     python benchmarks/step_time.py --preset seed --modes whole --last-block class --attention explicit,kernel
+    python benchmarks/step_time.py --size mid --modes whole --last-block class --gelu one-exp,kernel
 
 Each variant is `vitscope.train.make_train_step` on the preset's model and recipe (optimizer included),
 fed one fixed batch of random uint8 images. After a warm-up (which compiles), timed windows of --steps
@@ -28,6 +29,8 @@ import torch
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="fast")
+    ap.add_argument("--size", choices=["seed", "mid"], help="throughput.py's model size and step (AdamW, batch "
+                    "256), not a preset's")
     ap.add_argument("--batch", type=int, default=0, help="default: the preset's")
     ap.add_argument("--precision", default="", help="fp32 or bf16, or both comma-separated, each a variant "
                     "(default: what --precision auto picks)")
@@ -52,6 +55,11 @@ def main() -> None:
 
     keep_freed_memory()  # as `vitscope train` does
     preset = PRESETS[args.preset]
+    if args.size:  # as profile_step.py --size builds it
+        from throughput import SIZES  # this folder's
+        from vitscope import TrainConfig, ViTConfig
+        preset = dataclasses.replace(preset, name=f"{args.size} size", model=ViTConfig(**SIZES[args.size]),
+                                     train=TrainConfig(optimizer="adamw", lr=1e-3, batch_size=256))
     device = torch.device("cpu")
     precisions = args.precision.split(",") if args.precision else [select_precision(preset.train.precision, device)]
     batch = args.batch or preset.train.batch_size
@@ -90,7 +98,7 @@ def main() -> None:
             times[name].append((time.perf_counter() - start) / args.steps * 1e3)
     baseline = next(iter(times.values()))
     for name, values in times.items():
-        row = {"preset": args.preset, "variant": name, "batch": batch, "precision": steps[name][1],
+        row = {"preset": preset.name, "variant": name, "batch": batch, "precision": steps[name][1],
                "ms_per_step": round(statistics.median(values), 2),
                "speedup": round(statistics.median(baseline) / statistics.median(values), 3),
                "paired_speedup": round(statistics.median(b / v for b, v in zip(baseline, values)), 3),

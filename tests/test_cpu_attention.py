@@ -2,9 +2,10 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from vitscope import ViT, ViTConfig
-from vitscope import cpu_attention
+from vitscope import cpu_attention, cpu_gelu, cpu_kernels
 from vitscope.model import kernel_is_faster
 
 needs_kernel = pytest.mark.skipif(not cpu_attention.available(),
@@ -55,16 +56,24 @@ def test_the_kernel_computes_attention_and_its_gradient(shape, dtype):
 
 @needs_kernel
 @pytest.mark.parametrize("shape", [(3, 17, 4, 8), (2, 50, 4, 32), (2, 65, 2, 16), (2, 33, 1, 48)])
-def test_the_kernel_built_without_avx512_computes_the_same(shape, monkeypatch):
-    # The kernel's plain C++ paths, which AVX2-only CPUs (the Zen 3 host) build, whatever CPU runs the tests.
-    monkeypatch.setattr(cpu_attention, "FLAGS", [*cpu_attention.FLAGS, "-mno-avx512f"])
-    cpu_attention.load.cache_clear()
+def test_the_kernels_built_without_avx512_compute_the_same(shape, monkeypatch):
+    # The kernels' plain C++ paths, which AVX2-only CPUs (the Zen 3 host) build, whatever CPU runs the tests:
+    # attention, and GELU (with a remainder past its 16-wide pieces).
+    monkeypatch.setattr(cpu_kernels, "FLAGS", [*cpu_kernels.FLAGS, "-mno-avx512f"])
+    cpu_kernels.load.cache_clear()
     try:
         assert cpu_attention.available()
         for dtype in (torch.float32, torch.bfloat16):
             attention_matches_fp64(shape, dtype)
+            x = (3 * torch.randn(37, 11, generator=torch.Generator().manual_seed(1))).to(dtype).requires_grad_()
+            exact = x.detach().double().requires_grad_()
+            cpu_gelu.gelu_with_gradient(x).sum().backward()
+            F.gelu(exact).sum().backward()
+            tolerance = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+            torch.testing.assert_close(cpu_gelu.gelu(x.detach()).double(), F.gelu(exact.detach()), **tolerance)
+            torch.testing.assert_close(x.grad.double(), exact.grad, **tolerance)
     finally:
-        cpu_attention.load.cache_clear()
+        cpu_kernels.load.cache_clear()
 
 
 @needs_kernel
@@ -106,7 +115,7 @@ def test_auto_runs_the_kernel_on_an_avx512_cpu_where_it_was_measured_faster(monk
     assert kernel_is_faster(8) and kernel_is_faster(16) and kernel_is_faster(32)  # seed, fast, mid head sizes
     assert not kernel_is_faster(12) and not kernel_is_faster(24)
     for avx512 in (True, False):
-        monkeypatch.setattr(cpu_attention, "cpu_flags", lambda: {"avx2"} | ({"avx512f"} if avx512 else set()))
+        monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"avx2"} | ({"avx512f"} if avx512 else set()))
         assert ViT(SEED_SIZE).blocks[0].attn.kernel == avx512  # head size 8
         assert ViT(ViTConfig(dim=64, heads=4)).blocks[0].attn.kernel == avx512  # head size 16
         assert not ViT(ViTConfig(dim=48, heads=4)).blocks[0].attn.kernel  # head size 12
@@ -114,7 +123,7 @@ def test_auto_runs_the_kernel_on_an_avx512_cpu_where_it_was_measured_faster(monk
 
 def test_without_a_compiler_the_model_falls_back_to_the_explicit_form(monkeypatch):
     monkeypatch.setenv("CXX", "/nonexistent/c++")
-    cpu_attention.load.cache_clear()
+    cpu_kernels.load.cache_clear()
     try:
         assert not cpu_attention.available() and "compiler" in cpu_attention.unavailable_reason()
         with warnings.catch_warnings(record=True) as caught:
@@ -124,7 +133,7 @@ def test_without_a_compiler_the_model_falls_back_to_the_explicit_form(monkeypatc
         assert not model.blocks[0].attn.kernel
         assert ViT(SEED_SIZE)(torch.randn(2, 1, 28, 28)).shape == (2, 10)
     finally:
-        cpu_attention.load.cache_clear()
+        cpu_kernels.load.cache_clear()
 
 
 @needs_kernel

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vitscope import BlogViT, ViT, ViTConfig
+from vitscope import BlogViT, ViT, ViTConfig, cpu_kernels
 from vitscope.errors import VitscopeError
 from vitscope.model import GELU, HEADS_AS_ROWS_BELOW, executed_flops_per_image, flops_per_image
 
@@ -92,12 +92,18 @@ def test_last_block_for_the_class_token_alone_gives_the_same_logits_and_gradient
     assert [a.shape for a in attentions] == [(6, 4, 17, 17)] * 3
 
 
+needs_kernels = pytest.mark.skipif(not cpu_kernels.available(),
+                                   reason=f"no CPU kernels here: {cpu_kernels.unavailable_reason()}")
+
+
+@pytest.mark.parametrize("implementation", ["one-exp", pytest.param("kernel", marks=needs_kernels)])
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
-def test_one_exp_gelu_and_its_gradient_match_atens_exact_gelu(dtype, atol):
+def test_one_exp_gelu_and_its_gradient_match_atens_exact_gelu(implementation, dtype, atol):
+    # 6,001 elements: the kernel's 16-wide pieces and a remainder
     x64 = torch.cat([torch.linspace(-9, 9, 4001, dtype=torch.float64), torch.randn(2000, dtype=torch.float64) * 3])
     x = x64.to(dtype).requires_grad_()
     reference = x.detach().double().requires_grad_()
-    y = GELU("one-exp")(x)
+    y = GELU(implementation)(x)
     expected = F.gelu(reference)
     assert y.dtype == dtype
     torch.testing.assert_close(y.double(), expected, atol=atol, rtol=atol)
@@ -110,24 +116,34 @@ def test_one_exp_gelu_and_its_gradient_match_atens_exact_gelu(dtype, atol):
 
 def test_gelu_is_one_exp_only_where_a_backward_may_follow(monkeypatch):
     calls = []
-    monkeypatch.setattr("vitscope.model._OneExpGELU.apply", lambda x: calls.append(x) or F.gelu(x))
+    monkeypatch.setattr("vitscope.model._OneExpGELU.apply", lambda x: calls.append("one-exp") or F.gelu(x))
+    monkeypatch.setattr("vitscope.cpu_gelu.gelu_with_gradient", lambda x: calls.append("kernel") or F.gelu(x))
+    monkeypatch.setattr("vitscope.cpu_kernels.faster_here", lambda: False)
     x = torch.randn(4, requires_grad=True)
     GELU("auto")(x)
     GELU("one-exp")(x)
-    assert len(calls) == 2
+    assert calls == ["one-exp", "one-exp"]
     GELU("auto").eval()(x)
     GELU("one-exp").eval()(x)
     with torch.no_grad():
         GELU("one-exp")(x)
     GELU("aten")(x)
-    assert len(calls) == 2
+    assert calls == ["one-exp", "one-exp"]
+    if cpu_kernels.available():  # "auto" takes the kernel on a CPU where it is faster (AVX-512)
+        monkeypatch.setattr("vitscope.cpu_kernels.faster_here", lambda: True)
+        GELU("auto")(x)
+        GELU("kernel")(x)
+        GELU("kernel")(x.detach().half().requires_grad_())  # a dtype the kernel does not take: one-exp
+        GELU("kernel").eval()(x)
+        assert calls == ["one-exp", "one-exp", "kernel", "kernel", "one-exp"]
     with pytest.raises(VitscopeError, match="gelu must be"):
         ViTConfig(gelu="tanh").validate()
 
 
-def test_a_model_with_one_exp_gelu_gives_atens_logits_and_gradients():
+@pytest.mark.parametrize("implementation", ["one-exp", pytest.param("kernel", marks=needs_kernels)])
+def test_a_model_with_one_exp_gelu_gives_atens_logits_and_gradients(implementation):
     torch.manual_seed(0)
-    fast = ViT(ViTConfig(**{**SEED_SIZE.__dict__, "gelu": "one-exp"}))
+    fast = ViT(ViTConfig(**{**SEED_SIZE.__dict__, "gelu": implementation}))
     aten = ViT(ViTConfig(**{**SEED_SIZE.__dict__, "gelu": "aten"}))
     aten.load_state_dict(fast.state_dict())
     assert_same_logits_and_gradients(fast, aten, torch.randn(6, 1, 28, 28))

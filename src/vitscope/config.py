@@ -34,7 +34,8 @@ class ViTConfig:
     # tokens a larger one lets the class token tell patches apart from the first step (fast preset: 1.0).
     pos_embed_std: float = 0.02
     # The MLP's exact GELU in training: "aten" = F.gelu; "one-exp" = one exp shared by GELU and its slope
-    # (model.GELU: a cheaper backward); "auto" = one-exp on a CPU, F.gelu on GPUs. Evaluation and export: F.gelu.
+    # (model.GELU: a cheaper backward); "kernel" = the same as vitscope's CPU kernel (cpu_gelu); "auto" = the
+    # kernel on AVX-512 CPUs, one-exp on other CPUs, F.gelu on GPUs. Evaluation and export: F.gelu.
     gelu: str = "auto"
     # The head reads the class token alone, so the last block can skip the other tokens' outputs: the same
     # logits for ~1/depth less work. Off, the last block computes every token, as other implementations do.
@@ -51,8 +52,8 @@ class ViTConfig:
     def validate(self) -> None:
         if self.attention not in ("auto", "fused", "explicit", "kernel"):
             raise VitscopeError(f"attention must be auto, fused, explicit or kernel, not {self.attention!r}")
-        if self.gelu not in ("auto", "aten", "one-exp"):
-            raise VitscopeError(f"gelu must be auto, aten or one-exp, not {self.gelu!r}")
+        if self.gelu not in ("auto", "aten", "one-exp", "kernel"):
+            raise VitscopeError(f"gelu must be auto, aten, one-exp or kernel, not {self.gelu!r}")
         if self.architecture not in ("vit", "blog"):
             raise VitscopeError(f"unknown architecture {self.architecture!r}: choose vit or blog")
         if self.image_size % self.patch_size:

@@ -1,133 +1,27 @@
-"""Attention on a CPU as one kernel per direction: `kernels/attention.cpp`, built on first use with the
-machine's C++ compiler, called through ctypes, and registered as the custom op `vitscope::attention_<version>` so
-that torch.compile, torch.func and autograd treat it as one opaque op with a known output shape.
+"""Attention on a CPU as one kernel per direction (`kernels/attention.cpp`, through cpu_kernels), registered
+as the custom op `vitscope::attention_<version>` so that torch.compile, torch.func and autograd treat it as one
+opaque op with a known output shape.
 
 At the seed size (17 tokens, head size 8), ATen's batched matmuls, softmax and the q/k/v layout copies take
 35-43% of a compiled training step (benchmarks/RESULTS.md). The kernel reads q, k and v where the qkv
 projection wrote them and keeps each image's scores in the cache.
 
-Without a compiler that builds it (no `c++`, or one without OpenMP, as Apple's clang), `available()` is
-False and the model falls back to the explicit form: the same numbers to fp32 rounding.
+Where the kernels cannot be built, `available()` is False and the model falls back to the explicit form: the
+same numbers to fp32 rounding.
 """
 from __future__ import annotations
 
-import ctypes
-import functools
-import hashlib
-import logging
-import os
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
-
 import torch
 
-from .device import cpu_flags
+from .cpu_kernels import VERSION, available, faster_here, library, unavailable_reason  # noqa: F401 (the API)
 
-log = logging.getLogger(__name__)
-
-SOURCE = Path(__file__).parent / "kernels" / "attention.cpp"
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 DTYPES = (torch.float32, torch.bfloat16)
 LANES = 16  # images per vector in the kernel's lane form (its L)
 ROW_FORM_MULTIPLE = 16  # head sizes that are multiples of this run in the kernel's row form
 
 
-def compiler() -> str | None:
-    return shutil.which(os.environ.get("CXX", "c++"))
-
-
-def library_path(cxx: str) -> Path:
-    """Where the built library is cached: beside torch.compile's own kernels ($TORCHINDUCTOR_CACHE_DIR, else
-    /tmp/torchinductor_$USER), named by the source, the compiler, its flags and this CPU's features
-    (-march=native code may not run on another CPU that shares the folder)."""
-    try:
-        from torch._inductor.runtime.cache_dir_utils import cache_dir
-    except ImportError:  # an older torch: the system's temporary folder
-        cache_dir = tempfile.gettempdir
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = "\0".join([SOURCE.read_text(), cxx, version, " ".join(FLAGS), " ".join(sorted(cpu_flags()))])
-    return Path(cache_dir()) / "vitscope-kernels" / f"attention-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
-
-
-def build(cxx: str, path: Path) -> None:
-    """Compile into a temporary file beside `path` and rename it into place, so that processes building at
-    once (parallel tests) never load a half-written library."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-    os.close(fd)
-    try:
-        subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True,
-                       timeout=300)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def torch_uses_libgomp() -> bool:
-    """Whether this process has GNU OpenMP loaded (torch's pip builds for Linux bring it). The kernel links
-    libgomp.so.1 and must share torch's OpenMP threads: a second OpenMP runtime's threads would spin against
-    torch's on the same cores."""
-    try:
-        return "libgomp" in Path("/proc/self/maps").read_text()
-    except OSError:  # no /proc: not Linux
-        return False
-
-
-@functools.lru_cache(maxsize=1)
-def load() -> tuple[ctypes.CDLL | None, str]:
-    """The kernel's library, built first where it is not in the cache; or None and why not."""
-    cxx = compiler()
-    if cxx is None:
-        return None, "no C++ compiler: c++, or the one $CXX names"
-    if not torch_uses_libgomp():
-        return None, "this torch does not run on GNU OpenMP"
-    try:
-        path = library_path(cxx)
-        if not path.exists():
-            build(cxx, path)
-        library = ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError) as error:
-        detail = (getattr(error, "stderr", "") or str(error)).strip()
-        log.info("the attention kernel did not build: attention runs as three ops")
-        return None, f"{cxx} failed: {detail[-300:]}"
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    library.vitscope_attention_forward.argtypes = [ptr, i64, i64, i64, i64, ctypes.c_float, ptr, ptr, ctypes.c_int]
-    library.vitscope_attention_backward.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_float, ptr,
-                                                    ctypes.c_int]
-    return library, ""
-
-
-def _library() -> ctypes.CDLL:
-    return load()[0]
-
-
-def unavailable_reason() -> str:
-    return load()[1]
-
-
-def available() -> bool:
-    """Whether the kernel is built (building it on the first call: a few seconds, once per machine)."""
-    return _library() is not None
-
-
-def faster_here() -> bool:
-    """Whether "auto" attention should pick the kernel on this CPU: where it has AVX-512, whose 16-wide
-    vectors and register transposes it was measured with. Built for AVX2 alone (-march=x86-64-v3, run on
-    the Zen 4 host), it made the compiled `seed` step slower, not faster (0.82x at batch 256, 0.94x at the
-    preset's 64, fp32; benchmarks/RESULTS.md)."""
-    return "avx512f" in cpu_flags()
-
-
 def supports(qkv: torch.Tensor) -> bool:
     return qkv.device.type == "cpu" and qkv.dtype in DTYPES
-
-
-# The ops' names carry a digest of this file and the kernel's source: torch.compile's caches key a graph by
-# its ops' names, not by what the ops compute, so a changed op must never share a name with an older one.
-VERSION = hashlib.sha256(Path(__file__).read_bytes() + SOURCE.read_bytes()).hexdigest()[:12]
 
 
 @torch.library.custom_op(f"vitscope::attention_{VERSION}", mutates_args=())
@@ -139,7 +33,7 @@ def attention(qkv: torch.Tensor, heads: int, scale: float) -> tuple[torch.Tensor
     B, T, D3 = qkv.shape
     out = qkv.new_empty(B, T, D3 // 3)
     probs = qkv.new_empty(probs_shape(B, T, heads, D3 // 3 // heads), dtype=torch.float32)
-    _library().vitscope_attention_forward(qkv.data_ptr(), B, T, heads, D3 // 3 // heads, scale, out.data_ptr(),
+    library().vitscope_attention_forward(qkv.data_ptr(), B, T, heads, D3 // 3 // heads, scale, out.data_ptr(),
                                           probs.data_ptr(), int(qkv.dtype == torch.bfloat16))
     return out, probs
 
@@ -167,7 +61,7 @@ def attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, probs: torch.T
     qkv, grad_out = qkv.contiguous(), grad_out.to(qkv.dtype).contiguous()
     B, T, D3 = qkv.shape
     grad_qkv = torch.empty_like(qkv)
-    _library().vitscope_attention_backward(qkv.data_ptr(), grad_out.data_ptr(), probs.data_ptr(), B, T,
+    library().vitscope_attention_backward(qkv.data_ptr(), grad_out.data_ptr(), probs.data_ptr(), B, T,
                                            heads, D3 // 3 // heads, scale, grad_qkv.data_ptr(),
                                            int(qkv.dtype == torch.bfloat16))
     return grad_qkv

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import cpu_attention
+from . import cpu_attention, cpu_gelu, cpu_kernels
 from .config import ViTConfig
 
 
@@ -176,17 +176,25 @@ class _OneExpGELU(torch.autograd.Function):
 class GELU(nn.Module):
     """The exact (erf) GELU. Where a backward may follow (training mode, gradients on), `implementation`
     picks how: "aten" = F.gelu; "one-exp" = _OneExpGELU (the same numbers to ~4e-7, a cheaper backward);
-    "auto" = one-exp on a CPU, F.gelu on GPUs. Evaluation, prediction and export run F.gelu: with no
-    backward there is nothing to share, and exporters know F.gelu."""
+    "kernel" = the same one-exp GELU as vitscope's CPU kernel (cpu_gelu; one-exp where it cannot be built);
+    "auto" = the kernel on AVX-512 CPUs, one-exp on other CPUs, F.gelu on GPUs. Evaluation, prediction and
+    export run F.gelu: with no backward there is nothing to share, and exporters know F.gelu."""
 
     def __init__(self, implementation: str = "auto"):
         super().__init__()
         self.implementation = implementation
+        # decided here, not while torch.compile traces forward (which cannot read /proc/cpuinfo)
+        wanted = implementation == "kernel" or (implementation == "auto" and cpu_kernels.faster_here())
+        self.kernel = wanted and cpu_kernels.available()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        one_exp = self.training and torch.is_grad_enabled() and (
-            self.implementation == "one-exp" or (self.implementation == "auto" and x.device.type == "cpu"))
-        return _OneExpGELU.apply(x) if one_exp else F.gelu(x)
+        if not (self.training and torch.is_grad_enabled()) or self.implementation == "aten":
+            return F.gelu(x)
+        if x.device.type != "cpu" and self.implementation == "auto":
+            return F.gelu(x)
+        if self.kernel and cpu_gelu.supports(x) and not _exporting():
+            return cpu_gelu.gelu_with_gradient(x)
+        return _OneExpGELU.apply(x)
 
 
 class MLP(nn.Module):

@@ -20,47 +20,11 @@
 #include <cstring>
 #include <vector>
 
+#include "numerics.h"
+
 namespace {
 
-inline float load(const float* p) { return *p; }
-inline float load(const uint16_t* p) {
-    uint32_t bits = uint32_t(*p) << 16;
-    float value;
-    std::memcpy(&value, &bits, sizeof value);
-    return value;
-}
-inline void store(float* p, float value) { *p = value; }
-inline void store(uint16_t* p, float value) {  // round to nearest even, as torch rounds fp32 to bf16
-    uint32_t bits;
-    std::memcpy(&bits, &value, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) {  // NaN stays a (quiet) NaN
-        *p = uint16_t((bits >> 16) | 0x40u);
-        return;
-    }
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    *p = uint16_t(bits >> 16);
-}
-
-// exp(x) for the x <= 0 of a softmax after its maximum is subtracted: 2^n * 2^f with n = round(x log2 e) and a
-// degree-6 polynomial for 2^f on [-1/2, 1/2] (relative error ~2e-7). Written so that a loop over it
-// vectorises: no calls, no branches. Below -87 it returns exp(-87) ~ 1.6e-38, not 0.
-inline float exp_nonpositive(float x) {
-    x = std::max(x, -87.0f);
-    const float t = x * 1.4426950408889634f;
-    const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23 trick)
-    const float f = (t - n) * 0.6931471805599453f;     // (t - n) ln 2, in [-0.35, 0.35]
-    float p = 1.0f / 720.0f;
-    p = p * f + 1.0f / 120.0f;
-    p = p * f + 1.0f / 24.0f;
-    p = p * f + 1.0f / 6.0f;
-    p = p * f + 0.5f;
-    p = p * f + 1.0f;
-    p = p * f + 1.0f;
-    const int32_t bits = (int32_t(n) + 127) << 23;
-    float scale;
-    std::memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
-}
+using namespace vitscope;
 
 // Sixteen images' tokens for one head at a time, each image a lane of the vectors: every step of the
 // attention of one (image, head) pair becomes a 16-wide vector operation, with no horizontal sums and no
@@ -81,7 +45,6 @@ inline Group group_of(int64_t g, int64_t batch) {
 // Moving 16 images' rows into lanes and back is a transpose. With AVX-512 it is done 16 x 16 floats at a time
 // in registers, from and to 8-element pieces of the rows (head sizes that are multiples of 8): at head size
 // 16 in bf16 the element-by-element form took more time than the attention's arithmetic.
-#include <immintrin.h>
 #define VITSCOPE_TILES 1
 
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
@@ -97,12 +60,7 @@ inline void store_halves(float* low, float* high, __m512 v) {
     _mm256_storeu_ps(high, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
 }
 inline void store_halves(uint16_t* low, uint16_t* high, __m512 v) {  // rounded to nearest even, as `store`
-    const __m512i bits = _mm512_castps_si512(v);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
-    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    rounded = _mm512_mask_blend_epi32(nan, rounded, _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40)));
-    const __m256i packed = _mm512_cvtepi32_epi16(rounded);
+    const __m256i packed = to_bf16(v);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(low), _mm256_castsi256_si128(packed));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(high), _mm256_extracti128_si256(packed, 1));
 }
@@ -419,23 +377,6 @@ void matmul(int64_t M, int64_t W, int64_t K, const float* a, int64_t am, int64_t
     }
 }
 
-#if defined(__AVX512F__)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const uint16_t* p) {
-    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-inline void store16(uint16_t* p, __m512 v) {  // rounded to nearest even, as `store`
-    const __m512i bits = _mm512_castps_si512(v);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
-    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    rounded = _mm512_mask_blend_epi32(nan, rounded, _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40)));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(rounded));
-}
-#endif
-
 // x[i][c] = rows[i * stride + c] * scale, for n rows of d (a multiple of 16)
 template <typename T>
 void load_rows(const T* rows, int64_t n, int64_t stride, int64_t d, float scale, float* x) {
@@ -481,25 +422,6 @@ void store_rows(const float* x, int64_t n, int64_t d, T* rows, int64_t stride) {
 
 // softmax over s[0:n] in place; the padding s[n:np] set to 0
 #if defined(__AVX512F__)
-// exp_nonpositive, 16 at a time (the same polynomial; scalef multiplies by 2^n)
-inline __m512 exp_nonpositive(__m512 x) {
-    const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(1.4426950408889634f));
-    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.6931471805599453f));
-    __m512 p = _mm512_set1_ps(1.0f / 720.0f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120.0f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24.0f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6.0f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
-
-inline __mmask16 first_lanes(int64_t count) {  // the lanes of a 16-wide piece that hold columns < n
-    return count >= 16 ? __mmask16(0xffff) : count <= 0 ? __mmask16(0) : __mmask16((1u << count) - 1);
-}
-
 // In intrinsics: GCC leaves the maximum's reduction scalar and branchy without -ffast-math (~40% of the
 // forward at 50 tokens).
 inline void softmax_row(float* s, int64_t n, int64_t np) {
