@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from vitscope import BlogViT, ViT, ViTConfig, cpu_kernels
 from vitscope.errors import VitscopeError
-from vitscope.model import GELU, HEADS_AS_ROWS_BELOW, executed_flops_per_image, flops_per_image
+from vitscope.model import GELU, GELU_KERNEL_MIN_ELEMENTS, HEADS_AS_ROWS_BELOW, executed_flops_per_image, flops_per_image
 
 SEED_SIZE = ViTConfig(image_size=28, patch_size=7, in_channels=1, num_classes=10, dim=32, depth=3, heads=4,
                       mlp_dim=128, dropout=0.0)
@@ -129,13 +129,15 @@ def test_gelu_is_one_exp_only_where_a_backward_may_follow(monkeypatch):
         GELU("one-exp")(x)
     GELU("aten")(x)
     assert calls == ["one-exp", "one-exp"]
-    if cpu_kernels.available():  # "auto" takes the kernel on a CPU where it is faster (AVX-512)
+    if cpu_kernels.available():  # "auto" takes the kernel on a CPU where it is faster (AVX-512), for large inputs
         monkeypatch.setattr("vitscope.cpu_kernels.faster_here", lambda: True)
+        large = torch.zeros(GELU_KERNEL_MIN_ELEMENTS, requires_grad=True)
+        GELU("auto")(large)
         GELU("auto")(x)
         GELU("kernel")(x)
         GELU("kernel")(x.detach().half().requires_grad_())  # a dtype the kernel does not take: one-exp
         GELU("kernel").eval()(x)
-        assert calls == ["one-exp", "one-exp", "kernel", "kernel", "one-exp"]
+        assert calls == ["one-exp", "one-exp", "kernel", "one-exp", "kernel", "one-exp"]
     with pytest.raises(VitscopeError, match="gelu must be"):
         ViTConfig(gelu="tanh").validate()
 

@@ -35,7 +35,8 @@ class ViTConfig:
     pos_embed_std: float = 0.02
     # The MLP's exact GELU in training: "aten" = F.gelu; "one-exp" = one exp shared by GELU and its slope
     # (model.GELU: a cheaper backward); "kernel" = the same as vitscope's CPU kernel (cpu_gelu); "auto" = the
-    # kernel on AVX-512 CPUs, one-exp on other CPUs, F.gelu on GPUs. Evaluation and export: F.gelu.
+    # kernel on AVX-512 CPUs for large inputs (model.GELU_KERNEL_MIN_ELEMENTS), one-exp on other CPUs and
+    # smaller inputs, F.gelu on GPUs. Evaluation and export: F.gelu.
     gelu: str = "auto"
     # The head reads the class token alone, so the last block can skip the other tokens' outputs: the same
     # logits for ~1/depth less work. Off, the last block computes every token, as other implementations do.

@@ -173,11 +173,19 @@ class _OneExpGELU(torch.autograd.Function):
         return (grad.float() * (cdf + x32 * e * _INV_SQRT_2PI)).to(grad.dtype)
 
 
+# The smallest input for which "auto" GELU runs the kernel: it is a call out of the compiled graph, which costs
+# more than it gains on small inputs. Compiled whole step, Intel host, against one-exp, both orders: the mid size
+# (12,800 x 512 per MLP) 1.07x and 1.10x; `fast` (4,352 x 256) 1.01x and 0.96x; `seed` (1,088 x 128, fp32)
+# 0.93x and 0.92x (benchmarks/RESULTS.md).
+GELU_KERNEL_MIN_ELEMENTS = 1 << 21
+
+
 class GELU(nn.Module):
     """The exact (erf) GELU. Where a backward may follow (training mode, gradients on), `implementation`
     picks how: "aten" = F.gelu; "one-exp" = _OneExpGELU (the same numbers to ~4e-7, a cheaper backward);
     "kernel" = the same one-exp GELU as vitscope's CPU kernel (cpu_gelu; one-exp where it cannot be built);
-    "auto" = the kernel on AVX-512 CPUs, one-exp on other CPUs, F.gelu on GPUs. Evaluation, prediction and
+    "auto" = the kernel on AVX-512 CPUs for inputs of GELU_KERNEL_MIN_ELEMENTS or more, one-exp on other CPUs
+    and smaller inputs, F.gelu on GPUs. Evaluation, prediction and
     export run F.gelu: with no backward there is nothing to share, and exporters know F.gelu."""
 
     def __init__(self, implementation: str = "auto"):
@@ -192,7 +200,8 @@ class GELU(nn.Module):
             return F.gelu(x)
         if x.device.type != "cpu" and self.implementation == "auto":
             return F.gelu(x)
-        if self.kernel and cpu_gelu.supports(x) and not _exporting():
+        large = x.numel() >= GELU_KERNEL_MIN_ELEMENTS
+        if self.kernel and (large or self.implementation == "kernel") and cpu_gelu.supports(x) and not _exporting():
             return cpu_gelu.gelu_with_gradient(x)
         return _OneExpGELU.apply(x)
 
