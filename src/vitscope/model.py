@@ -43,8 +43,9 @@ KERNEL_HEAD_DIM_MAX = 8
 def kernel_is_faster(head_dim: int) -> bool:
     """Whether "auto" attention runs cpu_attention's kernel at this head size (on an AVX-512 CPU): its lane form
     up to KERNEL_HEAD_DIM_MAX, and its row form at multiples of 16. The row form, Intel host (AVX-512, AMX),
-    compiled whole step, both orders: `fast` (head size 16, 17 tokens) 1.10x and 1.09x; the mid size of
-    benchmarks/throughput.py (head size 32, 50 tokens) in bf16 1.05x (benchmarks/RESULTS.md)."""
+    compiled whole step, both orders: `fast` (head size 16, 17 tokens) 1.09x and 1.10x; the mid size of
+    benchmarks/throughput.py (head size 32, 50 tokens, bf16) 1.03x with the one-exp GELU and 1.12-1.13x with
+    the GELU kernel (benchmarks/RESULTS.md). Not measured on the Zen 4 or Zen 3 hosts."""
     return head_dim <= KERNEL_HEAD_DIM_MAX or head_dim % cpu_attention.ROW_FORM_MULTIPLE == 0
 
 
@@ -175,7 +176,7 @@ class _OneExpGELU(torch.autograd.Function):
 
 # The smallest input for which "auto" GELU runs the kernel: it is a call out of the compiled graph, which costs
 # more than it gains on small inputs. Compiled whole step, Intel host, against one-exp, both orders: the mid size
-# (12,800 x 512 per MLP) 1.07x and 1.10x; `fast` (4,352 x 256) 1.01x and 0.96x; `seed` (1,088 x 128, fp32)
+# (12,800 x 512 per MLP) 1.10x and 1.07x; `fast` (4,352 x 256) 1.01x and 1.00x; `seed` (1,088 x 128, fp32)
 # 0.93x and 0.92x (benchmarks/RESULTS.md).
 GELU_KERNEL_MIN_ELEMENTS = 1 << 21
 
