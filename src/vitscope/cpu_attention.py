@@ -34,7 +34,7 @@ def attention(qkv: torch.Tensor, heads: int, scale: float) -> tuple[torch.Tensor
     out = qkv.new_empty(B, T, D3 // 3)
     probs = qkv.new_empty(probs_shape(B, T, heads, D3 // 3 // heads), dtype=torch.float32)
     library().vitscope_attention_forward(qkv.data_ptr(), B, T, heads, D3 // 3 // heads, scale, out.data_ptr(),
-                                          probs.data_ptr(), int(qkv.dtype == torch.bfloat16))
+                                         probs.data_ptr(), int(qkv.dtype == torch.bfloat16))
     return out, probs
 
 
@@ -62,8 +62,8 @@ def attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, probs: torch.T
     B, T, D3 = qkv.shape
     grad_qkv = torch.empty_like(qkv)
     library().vitscope_attention_backward(qkv.data_ptr(), grad_out.data_ptr(), probs.data_ptr(), B, T,
-                                           heads, D3 // 3 // heads, scale, grad_qkv.data_ptr(),
-                                           int(qkv.dtype == torch.bfloat16))
+                                          heads, D3 // 3 // heads, scale, grad_qkv.data_ptr(),
+                                          int(qkv.dtype == torch.bfloat16))
     return grad_qkv
 
 
