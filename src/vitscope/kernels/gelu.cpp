@@ -27,6 +27,18 @@ inline void cdf_and_exp(float x, float& cdf, float& e) {
     cdf = x >= 0.0f ? 1.0f - tail : tail;
 }
 
+inline float gelu(float x) {
+    float cdf, e;
+    cdf_and_exp(x, cdf, e);
+    return x * cdf;
+}
+
+inline float gelu_gradient(float x, float grad) {
+    float cdf, e;
+    cdf_and_exp(x, cdf, e);
+    return grad * (cdf + x * e * INV_SQRT_2PI);
+}
+
 #if defined(__AVX512F__)
 inline void cdf_and_exp(__m512 x, __m512& cdf, __m512& e) {
     const __m512 z = _mm512_mul_ps(_mm512_abs_ps(x), _mm512_set1_ps(SQRT_HALF));
@@ -53,20 +65,10 @@ void forward(const T* x, int64_t n, T* y) {
         cdf_and_exp(v, cdf, e);
         store16(y + i, _mm512_mul_ps(v, cdf));
 #else
-        for (int64_t k = i; k < i + 16; ++k) {
-            const float v = load(x + k);
-            float cdf, e;
-            cdf_and_exp(v, cdf, e);
-            store(y + k, v * cdf);
-        }
+        for (int64_t k = i; k < i + 16; ++k) store(y + k, gelu(load(x + k)));
 #endif
     }
-    for (int64_t k = whole; k < n; ++k) {
-        const float v = load(x + k);
-        float cdf, e;
-        cdf_and_exp(v, cdf, e);
-        store(y + k, v * cdf);
-    }
+    for (int64_t k = whole; k < n; ++k) store(y + k, gelu(load(x + k)));
 }
 
 template <typename T>
@@ -81,20 +83,10 @@ void backward(const T* x, const T* grad, int64_t n, T* grad_x) {
         const __m512 slope = _mm512_fmadd_ps(_mm512_mul_ps(v, e), _mm512_set1_ps(INV_SQRT_2PI), cdf);
         store16(grad_x + i, _mm512_mul_ps(load16(grad + i), slope));
 #else
-        for (int64_t k = i; k < i + 16; ++k) {
-            const float v = load(x + k);
-            float cdf, e;
-            cdf_and_exp(v, cdf, e);
-            store(grad_x + k, load(grad + k) * (cdf + v * e * INV_SQRT_2PI));
-        }
+        for (int64_t k = i; k < i + 16; ++k) store(grad_x + k, gelu_gradient(load(x + k), load(grad + k)));
 #endif
     }
-    for (int64_t k = whole; k < n; ++k) {
-        const float v = load(x + k);
-        float cdf, e;
-        cdf_and_exp(v, cdf, e);
-        store(grad_x + k, load(grad + k) * (cdf + v * e * INV_SQRT_2PI));
-    }
+    for (int64_t k = whole; k < n; ++k) store(grad_x + k, gelu_gradient(load(x + k), load(grad + k)));
 }
 
 }  // namespace
