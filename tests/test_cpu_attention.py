@@ -137,15 +137,16 @@ def test_without_a_compiler_the_model_falls_back_to_the_explicit_form(monkeypatc
 
 
 @needs_kernel
-def test_the_kernels_threads_split_the_work_without_changing_a_bit():
-    qkv = torch.randn(48, 17, 96, generator=torch.Generator().manual_seed(0)).requires_grad_()
+@pytest.mark.parametrize("tokens,dim", [(17, 32), (50, 128)])  # head sizes 8 (lane form) and 32 (row form)
+def test_the_kernels_threads_split_the_work_without_changing_a_bit(tokens, dim):
+    qkv = torch.randn(48, tokens, 3 * dim, generator=torch.Generator().manual_seed(0)).requires_grad_()
     results = []
     threads = torch.get_num_threads()
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
             qkv.grad = None
-            out = cpu_attention.multi_head_attention(qkv, 4, 8 ** -0.5)
+            out = cpu_attention.multi_head_attention(qkv, 4, (dim // 4) ** -0.5)
             out.backward(torch.ones_like(out))
             results.append((out.detach(), qkv.grad.clone()))
     finally:
