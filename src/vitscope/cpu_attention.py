@@ -15,13 +15,8 @@ import torch
 
 from .cpu_kernels import VERSION, available, faster_here, library, unavailable_reason  # noqa: F401 (the API)
 
-DTYPES = (torch.float32, torch.bfloat16)
 LANES = 16  # images per vector in the kernel's lane form (its L)
 ROW_FORM_MULTIPLE = 16  # head sizes that are multiples of this run in the kernel's row form
-
-
-def supports(qkv: torch.Tensor) -> bool:
-    return qkv.device.type == "cpu" and qkv.dtype in DTYPES
 
 
 @torch.library.custom_op(f"vitscope::attention_{VERSION}", mutates_args=())

@@ -3,21 +3,14 @@ cpu_kernels), registered as custom ops for torch.compile, torch.func and autogra
 
 It computes what model._OneExpGELU computes in torch ops (one exp shared by GELU and its slope), without the
 vector division and Sleef exp that inductor generates from those ops. Mid-size MLP input (12,800 x 512), bf16,
-Intel host: forward 5.19 -> 3.13 ms, backward 5.76 -> 3.60 ms against the compiled torch ops
-(benchmarks/RESULTS.md).
+Intel host: forward 4.95 -> 3.52 ms, backward 5.38 -> 3.64 ms against the compiled torch ops
+(benchmarks/gelu_kernel.py, benchmarks/RESULTS.md). cpu_kernels.supports says which tensors it takes.
 """
 from __future__ import annotations
 
 import torch
 
 from .cpu_kernels import VERSION, library
-
-DTYPES = (torch.float32, torch.bfloat16)
-
-
-def supports(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype in DTYPES
-
 
 @torch.library.custom_op(f"vitscope::gelu_{VERSION}", mutates_args=())
 def gelu(x: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import torch
+
 from .device import cpu_flags
 
 log = logging.getLogger(__name__)
@@ -24,6 +26,7 @@ log = logging.getLogger(__name__)
 KERNELS = Path(__file__).parent / "kernels"
 SOURCES = sorted(KERNELS.glob("*.cpp"))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+DTYPES = (torch.float32, torch.bfloat16)  # what the kernels store: fp32, or bf16 as uint16_t
 
 _i64, _ptr, _f32, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
 SIGNATURES = {  # the library's functions and their arguments
@@ -120,6 +123,11 @@ def unavailable_reason() -> str:
 def available() -> bool:
     """Whether the library is built (building it on the first call: a few seconds, once per machine)."""
     return library() is not None
+
+
+def supports(x: torch.Tensor) -> bool:
+    """Whether the kernels take this tensor: on a CPU, fp32 or bf16."""
+    return x.device.type == "cpu" and x.dtype in DTYPES
 
 
 def faster_here() -> bool:

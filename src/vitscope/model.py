@@ -63,8 +63,8 @@ class Attention(nn.Module):
     """Multi-head self-attention. `implementation` "fused" uses F.scaled_dot_product_attention, "explicit"
     the three ops softmax(QK^T * scale) V, "kernel" vitscope's own CPU kernel (cpu_attention), "auto" fused
     on GPUs, on AVX-512 CPUs the kernel at the head sizes where it measured faster (`kernel_is_faster`),
-    explicit otherwise (at these sizes the CPU flash kernel is slower than three small matmuls). Explicit whenever the weights are asked for,
-    and while exporting (the kernel is not a standard op); explicit too where the kernel cannot be built.
+    explicit otherwise (at these sizes the CPU flash kernel is slower than three small matmuls). Explicit
+    whenever the weights are asked for, and while exporting (the kernel is not a standard op); explicit too where the kernel cannot be built.
 
     `scale` defaults to 1/sqrt(head_dim), as in the paper; the blog model overrides it.
     """
@@ -80,7 +80,7 @@ class Attention(nn.Module):
         self.implementation = implementation
         wanted = implementation == "kernel" or (implementation == "auto" and kernel_is_faster(self.head_dim)
                                                  and cpu_attention.faster_here())
-        self.kernel = wanted and cpu_attention.available()  # on a CPU, for fp32 and bf16 (`supports`)
+        self.kernel = wanted and cpu_attention.available()  # on a CPU, for fp32 and bf16 (cpu_kernels.supports)
         if implementation == "kernel" and not self.kernel:
             warnings.warn("attention = \"kernel\" was asked for, but the kernel could not be built here "
                           f"({cpu_attention.unavailable_reason()}): attention runs in the explicit form", stacklevel=2)
@@ -104,7 +104,7 @@ class Attention(nn.Module):
             k, v = kv.reshape(B, T, 2, H, d).permute(2, 0, 3, 1, 4)
         else:
             qkv = self.qkv(x)
-            if self.kernel and not return_attention and cpu_attention.supports(qkv) and not _exporting():
+            if self.kernel and not return_attention and cpu_kernels.supports(qkv) and not _exporting():
                 return self.proj(cpu_attention.multi_head_attention(qkv, H, self.scale)), None
             q, k, v = qkv.reshape(B, T, 3, H, d).permute(2, 0, 3, 1, 4)  # each (B, H, T, d)
         if fused and not return_attention:
@@ -186,8 +186,8 @@ class GELU(nn.Module):
     picks how: "aten" = F.gelu; "one-exp" = _OneExpGELU (the same numbers to ~4e-7, a cheaper backward);
     "kernel" = the same one-exp GELU as vitscope's CPU kernel (cpu_gelu; one-exp where it cannot be built);
     "auto" = the kernel on AVX-512 CPUs for inputs of GELU_KERNEL_MIN_ELEMENTS or more, one-exp on other CPUs
-    and smaller inputs, F.gelu on GPUs. Evaluation, prediction and
-    export run F.gelu: with no backward there is nothing to share, and exporters know F.gelu."""
+    and smaller inputs, F.gelu on GPUs. Evaluation, prediction and export run F.gelu: with no backward there
+    is nothing to share, and exporters know F.gelu."""
 
     def __init__(self, implementation: str = "auto"):
         super().__init__()
@@ -202,7 +202,7 @@ class GELU(nn.Module):
         if x.device.type != "cpu" and self.implementation == "auto":
             return F.gelu(x)
         large = x.numel() >= GELU_KERNEL_MIN_ELEMENTS
-        if self.kernel and (large or self.implementation == "kernel") and cpu_gelu.supports(x) and not _exporting():
+        if self.kernel and (large or self.implementation == "kernel") and cpu_kernels.supports(x) and not _exporting():
             return cpu_gelu.gelu_with_gradient(x)
         return _OneExpGELU.apply(x)
 
