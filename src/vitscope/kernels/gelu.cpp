@@ -52,6 +52,18 @@ inline void cdf_and_exp(__m512 x, __m512& cdf, __m512& e) {
     const __mmask16 nonnegative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GE_OQ);
     cdf = _mm512_mask_blend_ps(nonnegative, tail, _mm512_sub_ps(_mm512_set1_ps(1.0f), tail));
 }
+
+inline __m512 gelu(__m512 x) {
+    __m512 cdf, e;
+    cdf_and_exp(x, cdf, e);
+    return _mm512_mul_ps(x, cdf);
+}
+
+inline __m512 gelu_gradient(__m512 x, __m512 grad) {
+    __m512 cdf, e;
+    cdf_and_exp(x, cdf, e);
+    return _mm512_mul_ps(grad, _mm512_fmadd_ps(_mm512_mul_ps(x, e), _mm512_set1_ps(INV_SQRT_2PI), cdf));
+}
 #endif
 
 template <typename T>
@@ -60,10 +72,7 @@ void forward(const T* x, int64_t n, T* y) {
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < whole; i += 16) {
 #if defined(__AVX512F__)
-        const __m512 v = load16(x + i);
-        __m512 cdf, e;
-        cdf_and_exp(v, cdf, e);
-        store16(y + i, _mm512_mul_ps(v, cdf));
+        store16(y + i, gelu(load16(x + i)));
 #else
         for (int64_t k = i; k < i + 16; ++k) store(y + k, gelu(load(x + k)));
 #endif
@@ -77,11 +86,7 @@ void backward(const T* x, const T* grad, int64_t n, T* grad_x) {
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < whole; i += 16) {
 #if defined(__AVX512F__)
-        const __m512 v = load16(x + i);
-        __m512 cdf, e;
-        cdf_and_exp(v, cdf, e);
-        const __m512 slope = _mm512_fmadd_ps(_mm512_mul_ps(v, e), _mm512_set1_ps(INV_SQRT_2PI), cdf);
-        store16(grad_x + i, _mm512_mul_ps(load16(grad + i), slope));
+        store16(grad_x + i, gelu_gradient(load16(x + i), load16(grad + i)));
 #else
         for (int64_t k = i; k < i + 16; ++k) store(grad_x + k, gelu_gradient(load(x + k), load(grad + k)));
 #endif
