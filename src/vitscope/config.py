@@ -28,7 +28,8 @@ class ViTConfig:
     # "fused" = F.scaled_dot_product_attention, "explicit" = softmax(QK^T / sqrt(d)) V as three ops,
     # "kernel" = vitscope's CPU kernel (cpu_attention.py; built on first use with the machine's C++ compiler),
     # "auto" = fused on GPUs; on AVX-512 CPUs the kernel at head sizes up to 8 and at multiples of 16
-    # (model.kernel_is_faster), explicit otherwise: what measured fastest (benchmarks/RESULTS.md). Explicit wherever the kernel cannot be built.
+    # (model.kernel_is_faster), explicit otherwise: what measured fastest (benchmarks/RESULTS.md). Explicit
+    # wherever the kernel cannot be built.
     attention: str = "auto"
     # Standard deviation of the position embeddings at initialisation. timm and the paper use 0.02; at 16
     # tokens a larger one lets the class token tell patches apart from the first step (fast preset: 1.0).
