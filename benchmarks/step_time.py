@@ -44,6 +44,8 @@ def main() -> None:
     ap.add_argument("--attention", default="", help="comma-separated ViTConfig.attention forms, each a variant "
                     "(default: the preset's own)")
     ap.add_argument("--gelu", default="", help="comma-separated ViTConfig.gelu forms, each a variant")
+    ap.add_argument("--bias-in-kernels", default="", help="comma-separated on/off, each a variant of "
+                    "ViTConfig.bias_in_kernels")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.threads:
@@ -72,10 +74,12 @@ def main() -> None:
     last_blocks = {"class": [True], "all": [False], "both": [False, True]}[args.last_block]
     attentions = args.attention.split(",") if args.attention else [preset.model.attention]
     gelus = args.gelu.split(",") if args.gelu else [preset.model.gelu]
-    for mode, class_token_only, attention, gelu, precision in itertools.product(
-            args.modes.split(","), last_blocks, attentions, gelus, precisions):
+    biases = [value == "on" for value in args.bias_in_kernels.split(",")] if args.bias_in_kernels else [
+        preset.model.bias_in_kernels]
+    for mode, class_token_only, attention, gelu, bias_in_kernels, precision in itertools.product(
+            args.modes.split(","), last_blocks, attentions, gelus, biases, precisions):
         model_config = dataclasses.replace(preset.model, last_block_class_token_only=class_token_only,
-                                           attention=attention, gelu=gelu)
+                                           attention=attention, gelu=gelu, bias_in_kernels=bias_in_kernels)
         recipe = dataclasses.replace(preset.train, batch_size=batch, **modes[mode])
         torch.manual_seed(0)
         model = build_model(model_config)
@@ -87,6 +91,7 @@ def main() -> None:
         last_block = ", last block class token only" if class_token_only else ", whole last block"
         name = (names[mode] + last_block + (f", {attention} attention" if args.attention else "")
                 + (f", {gelu} GELU" if args.gelu else "")
+                + (f", biases in kernels {'on' if bias_in_kernels else 'off'}" if args.bias_in_kernels else "")
                 + (f", {precision}" if len(precisions) > 1 else ""))
         steps[name] = step, precision
     times = {name: [] for name in steps}

@@ -30,21 +30,29 @@ SHAPES = [(16, 17, 4, 8), (3, 17, 4, 8), (17, 5, 3, 5), (33, 17, 4, 12), (16, 3,
           (20, 17, 2, 16), (18, 9, 2, 32), (2, 50, 4, 32), (1, 9, 1, 64), (2, 33, 1, 48), (2, 65, 2, 16)]
 
 
-def attention_matches_fp64(shape, dtype):
+def attention_matches_fp64(shape, dtype, with_bias=True):
+    """The kernel's output and gradients against the explicit form in fp64, with the qkv layer's bias added by the
+    kernel (fp32, as an autocast model's parameter is) or without one."""
     B, T, H, d = shape
     generator = torch.Generator().manual_seed(0)
     qkv = (2 * torch.randn(B, T, 3 * H * d, generator=generator)).to(dtype).requires_grad_()
+    bias = torch.randn(3 * H * d, generator=generator).requires_grad_() if with_bias else None
     grad_out = torch.randn(B, T, H * d, generator=generator).to(dtype)
     scale = d ** -0.5
-    out = cpu_attention.multi_head_attention(qkv, H, scale)
+    out = cpu_attention.multi_head_attention(qkv, H, scale, bias)
     out.backward(grad_out)
     exact = qkv.detach().double().requires_grad_()
-    expected = reference(exact, H, scale)
+    exact_bias = bias.detach().double().requires_grad_() if with_bias else torch.zeros((), dtype=torch.float64)
+    expected = reference(exact + exact_bias, H, scale)
     expected.backward(grad_out.double())
     assert out.dtype == dtype and qkv.grad.dtype == dtype
     tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
     torch.testing.assert_close(out.double(), expected, **tolerance)
     torch.testing.assert_close(qkv.grad.double(), exact.grad, **tolerance)
+    if with_bias:  # summed over B x T gradients, in fp32 before they are rounded: the same tolerance, relative
+        assert bias.grad.dtype == torch.float32
+        torch.testing.assert_close(bias.grad.double(), exact_bias.grad, rtol=tolerance["rtol"],
+                                   atol=tolerance["atol"] * B * T ** 0.5)
 
 
 @needs_kernel
@@ -52,6 +60,12 @@ def attention_matches_fp64(shape, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_kernel_computes_attention_and_its_gradient(shape, dtype):
     attention_matches_fp64(shape, dtype)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(3, 17, 4, 8), (2, 50, 4, 32)])  # the lane form and the row form
+def test_the_kernel_without_a_bias(shape):
+    attention_matches_fp64(shape, torch.float32, with_bias=False)
 
 
 @needs_kernel
@@ -65,15 +79,35 @@ def test_the_kernels_built_without_avx512_compute_the_same(shape, monkeypatch):
         assert cpu_attention.available()
         for dtype in (torch.float32, torch.bfloat16):
             attention_matches_fp64(shape, dtype)
-            x = (3 * torch.randn(37, 11, generator=torch.Generator().manual_seed(1))).to(dtype).requires_grad_()
-            exact = x.detach().double().requires_grad_()
-            cpu_gelu.gelu_with_gradient(x).sum().backward()
-            F.gelu(exact).sum().backward()
-            tolerance = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
-            torch.testing.assert_close(cpu_gelu.gelu(x.detach()).double(), F.gelu(exact.detach()), **tolerance)
-            torch.testing.assert_close(x.grad.double(), exact.grad, **tolerance)
+            gelu_matches_fp64(dtype, columns=11)  # no 16-wide piece: the plain loops alone
     finally:
         cpu_kernels.load.cache_clear()
+
+
+def gelu_matches_fp64(dtype, columns):
+    """The GELU kernel's GELU(x + bias) and its gradients (x's and the bias's) against F.gelu in fp64."""
+    generator = torch.Generator().manual_seed(1)
+    x = (3 * torch.randn(37, columns, generator=generator)).to(dtype).requires_grad_()
+    bias = torch.randn(columns, generator=generator).requires_grad_()
+    exact, exact_bias = (t.detach().double().requires_grad_() for t in (x, bias))
+    grad = torch.randn(37, columns, generator=generator).to(dtype)
+    y = cpu_gelu.gelu_with_gradient(x, bias)
+    y.backward(grad)
+    expected = F.gelu(exact + exact_bias)
+    expected.backward(grad.double())
+    tolerance = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    assert y.dtype == x.grad.dtype == dtype and bias.grad.dtype == torch.float32
+    torch.testing.assert_close(y.double(), expected, **tolerance)
+    torch.testing.assert_close(x.grad.double(), exact.grad, **tolerance)
+    torch.testing.assert_close(bias.grad.double(), exact_bias.grad, rtol=tolerance["rtol"], atol=tolerance["atol"] * 37)
+    torch.testing.assert_close(cpu_gelu.gelu(x.detach()).double(), F.gelu(exact.detach()), **tolerance)  # no bias
+
+
+@needs_kernel
+@pytest.mark.parametrize("columns", [40, 512])  # 16-wide pieces with a remainder; the mid size's MLP width
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_gelu_kernel_adds_a_bias_and_returns_its_gradient(columns, dtype):
+    gelu_matches_fp64(dtype, columns)
 
 
 @needs_kernel
@@ -90,6 +124,28 @@ def test_a_model_with_the_kernel_gives_the_explicit_forms_logits_and_gradients()
     logits.logsumexp(-1).sum().backward()
     explicit(x).logsumexp(-1).sum().backward()
     for (name, p), q in zip(kernel.named_parameters(), explicit.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dim", [32, 64])  # head sizes 8 (the lane form) and 16 (the row form)
+def test_biases_the_kernels_add_give_the_layers_own_logits_and_gradients(dim):
+    torch.manual_seed(0)
+    config = {**SEED_SIZE.__dict__, "dim": dim, "attention": "kernel", "gelu": "kernel"}
+    inside = ViT(ViTConfig(**config)).train()
+    with torch.no_grad():  # biases start at zero: make them count
+        for name, p in inside.named_parameters():
+            if name.endswith("bias"):
+                p.normal_()
+    outside = ViT(ViTConfig(**{**config, "bias_in_kernels": False})).train()
+    outside.load_state_dict(inside.state_dict())
+    assert inside.blocks[0].attn.bias_in_kernel and not outside.blocks[0].mlp.bias_in_kernel
+    x = torch.randn(7, 1, 28, 28)
+    logits = inside(x)
+    torch.testing.assert_close(logits, outside(x), atol=1e-5, rtol=1e-5)
+    logits.logsumexp(-1).sum().backward()
+    outside(x).logsumexp(-1).sum().backward()
+    for (name, p), q in zip(inside.named_parameters(), outside.parameters()):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
@@ -139,16 +195,22 @@ def test_without_a_compiler_the_model_falls_back_to_the_explicit_form(monkeypatc
 @needs_kernel
 @pytest.mark.parametrize("tokens,dim", [(17, 32), (50, 128)])  # head sizes 8 (lane form) and 32 (row form)
 def test_the_kernels_threads_split_the_work_without_changing_a_bit(tokens, dim):
-    qkv = torch.randn(48, tokens, 3 * dim, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    generator = torch.Generator().manual_seed(0)
+    qkv = torch.randn(48, tokens, 3 * dim, generator=generator).requires_grad_()
+    bias = torch.randn(3 * dim, generator=generator).requires_grad_()
+    h = torch.randn(300, 40, generator=generator).requires_grad_()  # and GELU's, with its bias
     results = []
     threads = torch.get_num_threads()
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            qkv.grad = None
-            out = cpu_attention.multi_head_attention(qkv, 4, (dim // 4) ** -0.5)
+            qkv.grad = bias.grad = None
+            out = cpu_attention.multi_head_attention(qkv, 4, (dim // 4) ** -0.5, bias)
             out.backward(torch.ones_like(out))
-            results.append((out.detach(), qkv.grad.clone()))
+            results.append((out.detach(), qkv.grad.clone(), bias.grad.clone()))
+            bias.grad = None
+            cpu_gelu.gelu_with_gradient(h, bias[:40]).sum().backward()
+            results[-1] += (bias.grad.clone(),)
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(*results))

@@ -117,7 +117,7 @@ def test_one_exp_gelu_and_its_gradient_match_atens_exact_gelu(implementation, dt
 def test_gelu_is_one_exp_only_where_a_backward_may_follow(monkeypatch):
     calls = []
     monkeypatch.setattr("vitscope.model._OneExpGELU.apply", lambda x: calls.append("one-exp") or F.gelu(x))
-    monkeypatch.setattr("vitscope.cpu_gelu.gelu_with_gradient", lambda x: calls.append("kernel") or F.gelu(x))
+    monkeypatch.setattr("vitscope.cpu_gelu.gelu_with_gradient", lambda x, bias=None: calls.append("kernel") or F.gelu(x))
     monkeypatch.setattr("vitscope.cpu_kernels.faster_here", lambda: False)
     x = torch.randn(4, requires_grad=True)
     GELU("auto")(x)

@@ -39,6 +39,10 @@ class ViTConfig:
     # kernel on AVX-512 CPUs for large inputs (model.GELU_KERNEL_MIN_ELEMENTS), one-exp on other CPUs and
     # smaller inputs, F.gelu on GPUs. Evaluation and export: F.gelu.
     gelu: str = "auto"
+    # Where the attention or GELU kernel runs, the qkv or fc1 layer before it is a plain matmul and the kernel
+    # adds that layer's bias (and sums its gradient): ATen's addmm would copy the bias into every row of its
+    # output and add the product to it, two more passes over the tensor. False: the layers add their biases.
+    bias_in_kernels: bool = True
     # The head reads the class token alone, so the last block can skip the other tokens' outputs: the same
     # logits for ~1/depth less work. Off, the last block computes every token, as other implementations do.
     last_block_class_token_only: bool = True

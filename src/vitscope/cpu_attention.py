@@ -13,23 +13,25 @@ from __future__ import annotations
 
 import torch
 
-from .cpu_kernels import VERSION, available, faster_here, library, unavailable_reason  # noqa: F401 (the API)
+from .cpu_kernels import VERSION, fp32_bias, library, pointer
+from .cpu_kernels import available, faster_here, unavailable_reason  # noqa: F401 (this module's API)
 
 LANES = 16  # images per vector in the kernel's lane form (its L)
 ROW_FORM_MULTIPLE = 16  # head sizes that are multiples of this run in the kernel's row form
 
 
 @torch.library.custom_op(f"vitscope::attention_{VERSION}", mutates_args=())
-def attention(qkv: torch.Tensor, heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """qkv (B, T, 3 * D) as the qkv projection writes it, (B, T, 3, H, d) -> the attention's output (B, T, D)
-    with the heads side by side, and every head's attention probabilities in fp32 in the kernel's own layout
-    (for the backward)."""
-    qkv = qkv.contiguous()
+def attention(qkv: torch.Tensor, bias: torch.Tensor | None, heads: int, scale: float
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """qkv (B, T, 3 * D) as the qkv projection writes it, (B, T, 3, H, d), plus that projection's bias (3 * D,)
+    where it is not None -> the attention's output (B, T, D) with the heads side by side, and every head's
+    attention probabilities in fp32 in the kernel's own layout (for the backward)."""
+    qkv, bias = qkv.contiguous(), fp32_bias(bias)
     B, T, D3 = qkv.shape
     out = qkv.new_empty(B, T, D3 // 3)
     probs = qkv.new_empty(probs_shape(B, T, heads, D3 // 3 // heads), dtype=torch.float32)
-    library().vitscope_attention_forward(qkv.data_ptr(), B, T, heads, D3 // 3 // heads, scale, out.data_ptr(),
-                                         probs.data_ptr(), int(qkv.dtype == torch.bfloat16))
+    library().vitscope_attention_forward(qkv.data_ptr(), pointer(bias), B, T, heads, D3 // 3 // heads, scale,
+                                         out.data_ptr(), probs.data_ptr(), int(qkv.dtype == torch.bfloat16))
     return out, probs
 
 
@@ -43,28 +45,31 @@ def probs_shape(batch: int, tokens: int, heads: int, head_dim: int) -> tuple:
 
 
 @attention.register_fake
-def _(qkv, heads, scale):
+def _(qkv, bias, heads, scale):
     B, T, D3 = qkv.shape
     return qkv.new_empty(B, T, D3 // 3), qkv.new_empty(probs_shape(B, T, heads, D3 // 3 // heads),
                                                        dtype=torch.float32)
 
 
 @torch.library.custom_op(f"vitscope::attention_backward_{VERSION}", mutates_args=())
-def attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, probs: torch.Tensor, heads: int,
-                       scale: float) -> torch.Tensor:
-    """The gradient of `attention`'s output with respect to qkv, in qkv's layout and dtype."""
-    qkv, grad_out = qkv.contiguous(), grad_out.to(qkv.dtype).contiguous()
+def attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, bias: torch.Tensor | None, probs: torch.Tensor,
+                       heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of `attention`'s output with respect to qkv, in qkv's layout and dtype, and to the bias, in
+    fp32 (empty where bias is None), summed by the kernel as it writes qkv's."""
+    qkv, grad_out, bias = qkv.contiguous(), grad_out.to(qkv.dtype).contiguous(), fp32_bias(bias)
     B, T, D3 = qkv.shape
     grad_qkv = torch.empty_like(qkv)
-    library().vitscope_attention_backward(qkv.data_ptr(), grad_out.data_ptr(), probs.data_ptr(), B, T,
-                                          heads, D3 // 3 // heads, scale, grad_qkv.data_ptr(),
+    grad_bias = qkv.new_empty(D3 if bias is not None else 0, dtype=torch.float32)
+    library().vitscope_attention_backward(qkv.data_ptr(), pointer(bias), grad_out.data_ptr(), probs.data_ptr(), B,
+                                          T, heads, D3 // 3 // heads, scale, grad_qkv.data_ptr(),
+                                          pointer(grad_bias if bias is not None else None),
                                           int(qkv.dtype == torch.bfloat16))
-    return grad_qkv
+    return grad_qkv, grad_bias
 
 
 @attention_backward.register_fake
-def _(grad_out, qkv, probs, heads, scale):
-    return torch.empty_like(qkv)
+def _(grad_out, qkv, bias, probs, heads, scale):
+    return torch.empty_like(qkv), qkv.new_empty(qkv.shape[-1] if bias is not None else 0, dtype=torch.float32)
 
 
 class _Attention(torch.autograd.Function):
@@ -72,23 +77,26 @@ class _Attention(torch.autograd.Function):
     grad (the compiled whole step's) does not differentiate through a custom op's registered autograd."""
 
     @staticmethod
-    def forward(qkv, heads, scale):
-        return attention(qkv, heads, scale)
+    def forward(qkv, bias, heads, scale):
+        return attention(qkv, bias, heads, scale)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        qkv, heads, scale = inputs
+        qkv, bias, heads, scale = inputs
         ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(qkv, output[1])
+        ctx.save_for_backward(qkv, bias, output[1])
         ctx.heads, ctx.scale = heads, scale
 
     @staticmethod
     def backward(ctx, grad_out, grad_probs):
-        qkv, probs = ctx.saved_tensors
+        qkv, bias, probs = ctx.saved_tensors
         with torch.no_grad():  # no double backward; and the backward op itself has no autograd formula
-            return attention_backward(grad_out, qkv, probs, ctx.heads, ctx.scale), None, None
+            grad_qkv, grad_bias = attention_backward(grad_out, qkv, bias, probs, ctx.heads, ctx.scale)
+        return grad_qkv, None if bias is None else grad_bias.to(bias.dtype), None, None
 
 
-def multi_head_attention(qkv: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
-    """softmax(Q K^T * scale) V of every head, differentiable: qkv (B, T, 3 * D) -> (B, T, D)."""
-    return _Attention.apply(qkv, heads, scale)[0]
+def multi_head_attention(qkv: torch.Tensor, heads: int, scale: float, bias: torch.Tensor | None = None
+                         ) -> torch.Tensor:
+    """softmax(Q K^T * scale) V of every head, differentiable: qkv (B, T, 3 * D), plus `bias` (3 * D,) where it
+    is not None (the qkv layer's, so that layer can be a plain matmul) -> (B, T, D)."""
+    return _Attention.apply(qkv, bias, heads, scale)[0]

@@ -5,58 +5,72 @@ It computes what model._OneExpGELU computes in torch ops (one exp shared by GELU
 vector division and Sleef exp that inductor generates from those ops. Mid-size MLP input (12,800 x 512), bf16,
 Intel host: forward 4.95 -> 3.52 ms, backward 5.38 -> 3.64 ms against the compiled torch ops
 (benchmarks/gelu_kernel.py, benchmarks/RESULTS.md). cpu_kernels.supports says which tensors it takes.
+
+It also takes the bias of the linear layer before it, GELU(x + bias), so that layer can run as a plain matmul
+(model.MLP): the backward then returns the bias's gradient too, summed as the kernel writes x's.
 """
 from __future__ import annotations
 
 import torch
 
-from .cpu_kernels import VERSION, library
+from .cpu_kernels import VERSION, fp32_bias, library, pointer
+
 
 @torch.library.custom_op(f"vitscope::gelu_{VERSION}", mutates_args=())
-def gelu(x: torch.Tensor) -> torch.Tensor:
-    x = x.contiguous()
+def gelu(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """GELU(x + bias), bias (x.shape[-1],) or None."""
+    x, bias = x.contiguous(), fp32_bias(bias)
     y = torch.empty_like(x)
-    library().vitscope_gelu_forward(x.data_ptr(), x.numel(), y.data_ptr(), int(x.dtype == torch.bfloat16))
+    C = x.shape[-1] if x.dim() else 1
+    library().vitscope_gelu_forward(x.data_ptr(), x.numel() // max(C, 1), C, pointer(bias), y.data_ptr(),
+                                    int(x.dtype == torch.bfloat16))
     return y
 
 
 @gelu.register_fake
-def _(x):
+def _(x, bias=None):
     return torch.empty_like(x)
 
 
 @torch.library.custom_op(f"vitscope::gelu_backward_{VERSION}", mutates_args=())
-def gelu_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    x, grad = x.contiguous(), grad.to(x.dtype).contiguous()
+def gelu_backward(grad: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of GELU(x + bias)'s x, in x's dtype, and of its bias in fp32 (empty where bias is None)."""
+    x, grad, bias = x.contiguous(), grad.to(x.dtype).contiguous(), fp32_bias(bias)
     grad_x = torch.empty_like(x)
-    library().vitscope_gelu_backward(x.data_ptr(), grad.data_ptr(), x.numel(), grad_x.data_ptr(),
+    C = x.shape[-1] if x.dim() else 1
+    grad_bias = x.new_empty(C if bias is not None else 0, dtype=torch.float32)
+    library().vitscope_gelu_backward(x.data_ptr(), grad.data_ptr(), x.numel() // max(C, 1), C, pointer(bias),
+                                     grad_x.data_ptr(), pointer(grad_bias if bias is not None else None),
                                      int(x.dtype == torch.bfloat16))
-    return grad_x
+    return grad_x, grad_bias
 
 
 @gelu_backward.register_fake
-def _(grad, x):
-    return torch.empty_like(x)
+def _(grad, x, bias=None):
+    C = x.shape[-1] if x.dim() else 1
+    return torch.empty_like(x), x.new_empty(C if bias is not None else 0, dtype=torch.float32)
 
 
 class _GELU(torch.autograd.Function):
     """The two ops joined for autograd (with its own setup_context, for torch.func's grad: see cpu_attention)."""
 
     @staticmethod
-    def forward(x):
-        return gelu(x)
+    def forward(x, bias):
+        return gelu(x, bias)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0])
+        ctx.save_for_backward(*inputs)
 
     @staticmethod
     def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
+        x, bias = ctx.saved_tensors
         with torch.no_grad():
-            return gelu_backward(grad, x)
+            grad_x, grad_bias = gelu_backward(grad, x, bias)
+        return grad_x, None if bias is None else grad_bias.to(bias.dtype)
 
 
-def gelu_with_gradient(x: torch.Tensor) -> torch.Tensor:
-    """GELU(x), differentiable, x fp32 or bf16 on a CPU."""
-    return _GELU.apply(x)
+def gelu_with_gradient(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """GELU(x + bias), differentiable in both, x fp32 or bf16 on a CPU, bias (x.shape[-1],) of any float dtype."""
+    return _GELU.apply(x, bias)

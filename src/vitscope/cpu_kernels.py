@@ -30,10 +30,10 @@ DTYPES = (torch.float32, torch.bfloat16)  # what the kernels store: fp32, or bf1
 
 _i64, _ptr, _f32, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
 SIGNATURES = {  # the library's functions and their arguments
-    "vitscope_attention_forward": [_ptr, _i64, _i64, _i64, _i64, _f32, _ptr, _ptr, _int],
-    "vitscope_attention_backward": [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _f32, _ptr, _int],
-    "vitscope_gelu_forward": [_ptr, _i64, _ptr, _int],
-    "vitscope_gelu_backward": [_ptr, _ptr, _i64, _ptr, _int],
+    "vitscope_attention_forward": [_ptr, _ptr, _i64, _i64, _i64, _i64, _f32, _ptr, _ptr, _int],
+    "vitscope_attention_backward": [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _f32, _ptr, _ptr, _int],
+    "vitscope_gelu_forward": [_ptr, _i64, _i64, _ptr, _ptr, _int],
+    "vitscope_gelu_backward": [_ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _int],
 }
 
 
@@ -123,6 +123,16 @@ def unavailable_reason() -> str:
 def available() -> bool:
     """Whether the library is built (building it on the first call: a few seconds, once per machine)."""
     return library() is not None
+
+
+def fp32_bias(bias: torch.Tensor | None) -> torch.Tensor | None:
+    """A layer's bias as the kernels read it: fp32 and contiguous (under bf16 autocast the parameter is fp32)."""
+    return None if bias is None else bias.detach().float().contiguous()
+
+
+def pointer(t: torch.Tensor | None) -> int | None:
+    """A tensor's address for ctypes; None (a null pointer) for no tensor."""
+    return None if t is None else t.data_ptr()
 
 
 def supports(x: torch.Tensor) -> bool:

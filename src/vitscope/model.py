@@ -70,7 +70,7 @@ class Attention(nn.Module):
     """
 
     def __init__(self, dim: int, heads: int, qkv_bias: bool = True, scale: float | None = None,
-                 implementation: str = "auto"):
+                 implementation: str = "auto", bias_in_kernel: bool = True):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
@@ -86,6 +86,7 @@ class Attention(nn.Module):
                           f"({cpu_attention.unavailable_reason()}): attention runs in the explicit form", stacklevel=2)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
+        self.bias_in_kernel = bias_in_kernel  # the kernel adds qkv's bias, and qkv is a plain matmul
 
     def forward(self, x: torch.Tensor, return_attention: bool = False, class_token_only: bool = False):
         """Attention of all tokens over all tokens, or with `class_token_only` of the first token (the class
@@ -103,9 +104,13 @@ class Attention(nn.Module):
             q = q.reshape(B, 1, H, d).transpose(1, 2)
             k, v = kv.reshape(B, T, 2, H, d).permute(2, 0, 3, 1, 4)
         else:
-            qkv = self.qkv(x)
-            if self.kernel and not return_attention and cpu_kernels.supports(qkv) and not _exporting():
-                return self.proj(cpu_attention.multi_head_attention(qkv, H, self.scale)), None
+            kernel = self.kernel and not return_attention and not _exporting()
+            bias = self.qkv.bias if kernel and self.bias_in_kernel else None  # for the kernel to add
+            qkv = self.qkv(x) if bias is None else F.linear(x, self.qkv.weight)
+            if kernel and cpu_kernels.supports(qkv):
+                return self.proj(cpu_attention.multi_head_attention(qkv, H, self.scale, bias)), None
+            if bias is not None:
+                qkv = qkv + bias
             q, k, v = qkv.reshape(B, T, 3, H, d).permute(2, 0, 3, 1, 4)  # each (B, H, T, d)
         if fused and not return_attention:
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
@@ -187,7 +192,8 @@ class GELU(nn.Module):
     "kernel" = the same one-exp GELU as vitscope's CPU kernel (cpu_gelu; one-exp where it cannot be built);
     "auto" = the kernel on AVX-512 CPUs for inputs of GELU_KERNEL_MIN_ELEMENTS or more, one-exp on other CPUs
     and smaller inputs, F.gelu on GPUs. Evaluation, prediction and export run F.gelu: with no backward there
-    is nothing to share, and exporters know F.gelu."""
+    is nothing to share, and exporters know F.gelu. `forward(x, bias)` is GELU(x + bias): the kernel adds
+    the bias itself (`runs_kernel` says where it will)."""
 
     def __init__(self, implementation: str = "auto"):
         super().__init__()
@@ -196,39 +202,60 @@ class GELU(nn.Module):
         wanted = implementation == "kernel" or (implementation == "auto" and cpu_kernels.faster_here())
         self.kernel = wanted and cpu_kernels.available()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def runs_kernel(self, x: torch.Tensor, numel: int) -> bool:
+        """Whether forward runs the kernel on an input of `numel` elements with x's device and dtype."""
+        if not (self.kernel and self.training and torch.is_grad_enabled()) or self.implementation == "aten":
+            return False
+        large = numel >= GELU_KERNEL_MIN_ELEMENTS
+        return (large or self.implementation == "kernel") and cpu_kernels.supports(x) and not _exporting()
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.runs_kernel(x, x.numel()):
+            return cpu_gelu.gelu_with_gradient(x, bias)
+        if bias is not None:
+            x = x + bias
         if not (self.training and torch.is_grad_enabled()) or self.implementation == "aten":
             return F.gelu(x)
         if x.device.type != "cpu" and self.implementation == "auto":
             return F.gelu(x)
-        large = x.numel() >= GELU_KERNEL_MIN_ELEMENTS
-        if self.kernel and (large or self.implementation == "kernel") and cpu_kernels.supports(x) and not _exporting():
-            return cpu_gelu.gelu_with_gradient(x)
         return _OneExpGELU.apply(x)
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int, hidden: int, activation: str = "gelu", dropout: float = 0.0, gelu: str = "auto"):
+    """fc1, GELU (or ReLU), fc2. With `bias_in_kernel`, where the GELU runs its kernel (GELU.runs_kernel) fc1
+    is a plain matmul and the kernel adds fc1's bias: ATen's addmm would first copy the bias into every row of
+    its output and then add the product to it, two more passes over the MLP's widest tensor."""
+
+    def __init__(self, dim: int, hidden: int, activation: str = "gelu", dropout: float = 0.0, gelu: str = "auto",
+                 bias_in_kernel: bool = True):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = GELU(gelu) if activation == "gelu" else nn.ReLU()
         self.fc2 = nn.Linear(hidden, dim)
         self.drop = nn.Dropout(dropout)
+        self.bias_in_kernel = bias_in_kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        if (self.bias_in_kernel and isinstance(self.act, GELU)
+                and self.act.runs_kernel(x, x.numel() // x.shape[-1] * self.fc1.out_features)):
+            h = self.act(F.linear(x, self.fc1.weight), self.fc1.bias)
+        else:
+            h = self.act(self.fc1(x))
+        return self.drop(self.fc2(self.drop(h)))
 
 
 class Block(nn.Module):
     """Pre-norm encoder block: x + MSA(LN(x)), then x + MLP(LN(x))."""
 
     def __init__(self, dim: int, heads: int, mlp_dim: int, dropout: float = 0.0, activation: str = "gelu",
-                 qkv_bias: bool = True, scale: float | None = None, attention: str = "auto", gelu: str = "auto"):
+                 qkv_bias: bool = True, scale: float | None = None, attention: str = "auto", gelu: str = "auto",
+                 bias_in_kernels: bool = True):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, heads, qkv_bias=qkv_bias, scale=scale, implementation=attention)
+        self.attn = Attention(dim, heads, qkv_bias=qkv_bias, scale=scale, implementation=attention,
+                              bias_in_kernel=bias_in_kernels)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = MLP(dim, mlp_dim, activation, dropout, gelu)
+        self.mlp = MLP(dim, mlp_dim, activation, dropout, gelu, bias_in_kernels)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, return_attention: bool = False, class_token_only: bool = False):
@@ -273,7 +300,7 @@ class ViT(nn.Module):
         self.pos_drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(
             Block(config.dim, config.heads, config.mlp_dim, config.dropout, attention=config.attention,
-                  gelu=config.gelu)
+                  gelu=config.gelu, bias_in_kernels=config.bias_in_kernels)
             for _ in range(config.depth))
         self.norm = nn.LayerNorm(config.dim, eps=1e-6)
         self.head = nn.Linear(config.dim, config.num_classes)

@@ -91,10 +91,11 @@ inline void transpose16(__m512 r[16]) {
 }
 #endif
 
-// x[m][l] with m = i * d + c: rows[b0 + l][i][offset + c] * scale, zeros in the lanes past the batch's end
+// x[m][l] with m = i * d + c: (rows[b0 + l][i][offset + c] + bias[c]) * scale (no bias where it is null), zeros in
+// the lanes past the batch's end
 template <typename T, int DC>
-void gather(const T* rows, int64_t n, int64_t row_stride, int64_t offset, int64_t d_rt, float scale,
-            const Group& g, float* x) {
+void gather(const T* rows, int64_t n, int64_t row_stride, int64_t offset, int64_t d_rt, const float* bias,
+            float scale, const Group& g, float* x) {
     const int64_t d = DC ? DC : d_rt;
     int64_t m0 = 0;
     const T* first = rows + g.b0 * n * row_stride + offset;
@@ -107,6 +108,8 @@ void gather(const T* rows, int64_t n, int64_t row_stride, int64_t offset, int64_
             __m512 r[16];
             for (int64_t l = 0; l < L; ++l) r[l] = join(load8(low + l * n * row_stride), load8(high + l * n * row_stride));
             transpose16(r);
+            if (bias)
+                for (int64_t k = 0; k < 16; ++k) r[k] = _mm512_add_ps(r[k], _mm512_set1_ps(bias[(m0 + k) % d]));
             for (int64_t k = 0; k < 16; ++k) _mm512_storeu_ps(x + (m0 + k) * L, _mm512_mul_ps(r[k], factor));
         }
     }
@@ -114,7 +117,8 @@ void gather(const T* rows, int64_t n, int64_t row_stride, int64_t offset, int64_
     if (g.lanes < L) std::fill(x + m0 * L, x + n * d * L, 0.0f);
     for (int64_t l = 0; l < g.lanes; ++l) {
         const T* r = first + l * n * row_stride;
-        for (int64_t m = m0; m < n * d; ++m) x[m * L + l] = load(r + (m / d) * row_stride + m % d) * scale;
+        for (int64_t m = m0; m < n * d; ++m)
+            x[m * L + l] = (load(r + (m / d) * row_stride + m % d) + (bias ? bias[m % d] : 0.0f)) * scale;
     }
 }
 
@@ -143,14 +147,34 @@ void scatter(const float* x, int64_t n, int64_t row_stride, int64_t offset, int6
     }
 }
 
-// one group's q (scaled), k and v from qkv (B, T, 3, H, d)
+// the bias of one part (0 q, 1 k, 2 v) of head h, or null
+inline const float* bias_of(const float* bias, int64_t part, int64_t dim, int64_t h, int64_t d) {
+    return bias ? bias + part * dim + h * d : nullptr;
+}
+
+// one group's q (scaled), k and v from qkv (B, T, 3, H, d) and its bias (3, H, d) or null
 template <typename T, int DC>
-void gather_qkv(const T* qkv, int64_t n, int64_t heads, int64_t d, float scale, const Group& g, float* q, float* k,
-                float* v) {
+void gather_qkv(const T* qkv, const float* bias, int64_t n, int64_t heads, int64_t d, float scale, const Group& g,
+                float* q, float* k, float* v) {
     const int64_t dim = heads * d;
-    gather<T, DC>(qkv, n, 3 * dim, g.h * d, d, scale, g, q);
-    gather<T, DC>(qkv, n, 3 * dim, dim + g.h * d, d, 1.0f, g, k);
-    gather<T, DC>(qkv, n, 3 * dim, 2 * dim + g.h * d, d, 1.0f, g, v);
+    gather<T, DC>(qkv, n, 3 * dim, g.h * d, d, bias_of(bias, 0, dim, g.h, d), scale, g, q);
+    gather<T, DC>(qkv, n, 3 * dim, dim + g.h * d, d, bias_of(bias, 1, dim, g.h, d), 1.0f, g, k);
+    gather<T, DC>(qkv, n, 3 * dim, 2 * dim + g.h * d, d, bias_of(bias, 2, dim, g.h, d), 1.0f, g, v);
+}
+
+// sums[(b0 + l) * row_stride + c] = sum_j x[j][c][l]: one group's column sums of a gradient, image by image (the
+// bias's gradient before the sum over images)
+template <int DC>
+void lane_column_sums(const float* x, int64_t n, int64_t d_rt, const Group& g, int64_t row_stride, float* sums) {
+    const int64_t d = DC ? DC : d_rt;
+    for (int64_t c = 0; c < d; ++c) {
+        float acc[L] = {};
+        for (int64_t j = 0; j < n; ++j) {
+#pragma omp simd
+            for (int64_t l = 0; l < L; ++l) acc[l] += x[(j * d + c) * L + l];
+        }
+        for (int64_t l = 0; l < g.lanes; ++l) sums[(g.b0 + l) * row_stride + c] = acc[l];
+    }
 }
 
 // s[j][l] = a_i . b_j, lane by lane: the scores of query i (a = q, b = k), or dO_i . v_j (a = dO, b = v)
@@ -207,7 +231,8 @@ inline void weighted_sum(const float* w, int64_t w_stride, const float* m, int64
 
 // Forward: out (B, T, H, d) and the probabilities P, [group][i][j][lane], which the backward reads.
 template <typename T, int DC>
-void forward(const T* qkv, int64_t batch, int64_t n, int64_t heads, int64_t d_rt, float scale, T* out, float* probs) {
+void forward(const T* qkv, const float* bias, int64_t batch, int64_t n, int64_t heads, int64_t d_rt, float scale, T* out,
+             float* probs) {
     const int64_t d = DC ? DC : d_rt;
     const int64_t dim = heads * d;
     const int64_t groups = heads * ((batch + L - 1) / L);
@@ -217,7 +242,7 @@ void forward(const T* qkv, int64_t batch, int64_t n, int64_t heads, int64_t d_rt
 #pragma omp for schedule(static)
         for (int64_t gi = 0; gi < groups; ++gi) {
             const Group g = group_of(gi, batch);
-            gather_qkv<T, DC>(qkv, n, heads, d, scale, g, q.data(), k.data(), v.data());
+            gather_qkv<T, DC>(qkv, bias, n, heads, d, scale, g, q.data(), k.data(), v.data());
             float* p_group = probs + gi * n * n * L;
             for (int64_t i = 0; i < n; ++i) {
                 float* s = p_group + i * n * L;
@@ -248,9 +273,10 @@ void forward(const T* qkv, int64_t batch, int64_t n, int64_t heads, int64_t d_rt
     }
 }
 
+// sums: null, or (B, 3 * H * d) for each image's sums of the gradient over its tokens
 template <typename T, int DC>
-void backward(const T* qkv, const T* grad_out, const float* probs, int64_t batch, int64_t n, int64_t heads,
-              int64_t d_rt, float scale, T* grad_qkv) {
+void backward(const T* qkv, const float* bias, const T* grad_out, const float* probs, int64_t batch, int64_t n,
+              int64_t heads, int64_t d_rt, float scale, T* grad_qkv, float* sums) {
     const int64_t d = DC ? DC : d_rt;
     const int64_t dim = heads * d, row_stride = 3 * dim;
     const int64_t groups = heads * ((batch + L - 1) / L);
@@ -261,8 +287,8 @@ void backward(const T* qkv, const T* grad_out, const float* probs, int64_t batch
 #pragma omp for schedule(static)
         for (int64_t gi = 0; gi < groups; ++gi) {
             const Group g = group_of(gi, batch);
-            gather_qkv<T, DC>(qkv, n, heads, d, scale, g, q.data(), k.data(), v.data());
-            gather<T, DC>(grad_out, n, dim, g.h * d, d, 1.0f, g, go.data());
+            gather_qkv<T, DC>(qkv, bias, n, heads, d, scale, g, q.data(), k.data(), v.data());
+            gather<T, DC>(grad_out, n, dim, g.h * d, d, nullptr, 1.0f, g, go.data());
             const float* p = probs + gi * n * n * L;
             for (int64_t i = 0; i < n; ++i) {  // d scores: ds_ij = p_ij (dO_i . v_j - sum_j' p_ij' dO_i . v_j')
                 const float* pi = p + i * n * L;
@@ -280,12 +306,15 @@ void backward(const T* qkv, const T* grad_out, const float* probs, int64_t batch
                 weighted_sum<DC>(dsi, L, k.data(), n, d, scale, grad.data() + i * d * L);  // dq_i
             }
             scatter<T, DC>(grad.data(), n, row_stride, g.h * d, d, 1.0f, g, grad_qkv);
+            if (sums) lane_column_sums<DC>(grad.data(), n, d, g, row_stride, sums + g.h * d);
             for (int64_t j = 0; j < n; ++j)  // dk_j = sum_i ds_ij q_i (q holds the scale already)
                 weighted_sum<DC>(ds.data() + j * L, n * L, q.data(), n, d, 1.0f, grad.data() + j * d * L);
             scatter<T, DC>(grad.data(), n, row_stride, dim + g.h * d, d, 1.0f, g, grad_qkv);
+            if (sums) lane_column_sums<DC>(grad.data(), n, d, g, row_stride, sums + dim + g.h * d);
             for (int64_t j = 0; j < n; ++j)  // dv_j = sum_i p_ij dO_i
                 weighted_sum<DC>(p + j * L, n * L, go.data(), n, d, 1.0f, grad.data() + j * d * L);
             scatter<T, DC>(grad.data(), n, row_stride, 2 * dim + g.h * d, d, 1.0f, g, grad_qkv);
+            if (sums) lane_column_sums<DC>(grad.data(), n, d, g, row_stride, sums + 2 * dim + g.h * d);
         }
     }
 }
@@ -377,35 +406,39 @@ void matmul(int64_t M, int64_t W, int64_t K, const float* a, int64_t am, int64_t
     }
 }
 
-// x[i][c] = rows[i * stride + c] * scale, for n rows of d (a multiple of 16)
+// x[i][c] = (rows[i * stride + c] + bias[c]) * scale (no bias where it is null), for n rows of d (a multiple of 16)
 template <typename T>
-void load_rows(const T* rows, int64_t n, int64_t stride, int64_t d, float scale, float* x) {
+void load_rows(const T* rows, int64_t n, int64_t stride, int64_t d, const float* bias, float scale, float* x) {
 #if defined(__AVX512F__)
     const __m512 factor = _mm512_set1_ps(scale);
     for (int64_t i = 0; i < n; ++i)
-        for (int64_t c = 0; c < d; c += 16) _mm512_storeu_ps(x + i * d + c, _mm512_mul_ps(load16(rows + i * stride + c), factor));
+        for (int64_t c = 0; c < d; c += 16) {
+            const __m512 value = load16(rows + i * stride + c);
+            _mm512_storeu_ps(x + i * d + c, _mm512_mul_ps(bias ? _mm512_add_ps(value, _mm512_loadu_ps(bias + c)) : value, factor));
+        }
 #else
     for (int64_t i = 0; i < n; ++i)
-        for (int64_t c = 0; c < d; ++c) x[i * d + c] = load(rows + i * stride + c) * scale;
+        for (int64_t c = 0; c < d; ++c) x[i * d + c] = (load(rows + i * stride + c) + (bias ? bias[c] : 0.0f)) * scale;
 #endif
 }
 
-// x[c][j] = rows[j * stride + c], zeros for the padding j >= n
+// x[c][j] = rows[j * stride + c] + bias[c] (no bias where it is null), zeros for the padding j >= n
 template <typename T>
-void load_transposed(const T* rows, int64_t n, int64_t stride, int64_t d, int64_t np, float* x) {
+void load_transposed(const T* rows, int64_t n, int64_t stride, int64_t d, const float* bias, int64_t np, float* x) {
 #if defined(__AVX512F__)
     for (int64_t j0 = 0; j0 < np; j0 += 16)  // 16 x 16 blocks, transposed in registers
         for (int64_t c0 = 0; c0 < d; c0 += 16) {
+            const __m512 b = bias ? _mm512_loadu_ps(bias + c0) : _mm512_setzero_ps();
             __m512 r[16];
             for (int64_t j = 0; j < 16; ++j)
-                r[j] = j0 + j < n ? load16(rows + (j0 + j) * stride + c0) : _mm512_setzero_ps();
+                r[j] = j0 + j < n ? _mm512_add_ps(load16(rows + (j0 + j) * stride + c0), b) : _mm512_setzero_ps();
             transpose16(r);
             for (int64_t c = 0; c < 16; ++c) _mm512_storeu_ps(x + (c0 + c) * np + j0, r[c]);
         }
 #else
     for (int64_t c = 0; c < d; ++c) std::fill(x + c * np + n, x + (c + 1) * np, 0.0f);
     for (int64_t j = 0; j < n; ++j)
-        for (int64_t c = 0; c < d; ++c) x[c * np + j] = load(rows + j * stride + c);
+        for (int64_t c = 0; c < d; ++c) x[c * np + j] = load(rows + j * stride + c) + (bias ? bias[c] : 0.0f);
 #endif
 }
 
@@ -418,6 +451,15 @@ void store_rows(const float* x, int64_t n, int64_t d, T* rows, int64_t stride) {
     for (int64_t i = 0; i < n; ++i)
         for (int64_t c = 0; c < d; ++c) store(rows + i * stride + c, x[i * d + c]);
 #endif
+}
+
+// sums[c] = sum_i x[i * d + c], for n rows of d
+inline void column_sums(const float* x, int64_t n, int64_t d, float* sums) {
+    std::fill(sums, sums + d, 0.0f);
+    for (int64_t i = 0; i < n; ++i) {
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c) sums[c] += x[i * d + c];
+    }
 }
 
 // softmax over s[0:n] in place; the padding s[n:np] set to 0
@@ -454,8 +496,8 @@ inline void softmax_row(float* s, int64_t n, int64_t np) {
 #endif
 
 template <typename T>
-void forward_rows(const T* qkv, int64_t batch, int64_t n, int64_t heads, int64_t d, float scale, T* out,
-                  float* probs) {
+void forward_rows(const T* qkv, const float* bias, int64_t batch, int64_t n, int64_t heads, int64_t d, float scale,
+                  T* out, float* probs) {
     const int64_t dim = heads * d, stride = 3 * dim, np = padded(n);
 #pragma omp parallel
     {
@@ -464,9 +506,9 @@ void forward_rows(const T* qkv, int64_t batch, int64_t n, int64_t heads, int64_t
         for (int64_t bh = 0; bh < batch * heads; ++bh) {
             const int64_t b = bh / heads, h = bh % heads;
             const T* rows = qkv + b * n * stride + h * d;
-            load_rows(rows, n, stride, d, scale, q.data());
-            load_transposed(rows + dim, n, stride, d, np, kt.data());
-            load_rows(rows + 2 * dim, n, stride, d, 1.0f, v.data());
+            load_rows(rows, n, stride, d, bias_of(bias, 0, dim, h, d), scale, q.data());
+            load_transposed(rows + dim, n, stride, d, bias_of(bias, 1, dim, h, d), np, kt.data());
+            load_rows(rows + 2 * dim, n, stride, d, bias_of(bias, 2, dim, h, d), 1.0f, v.data());
             float* p = probs + bh * n * np;
             matmul(n, np, d, q.data(), d, 1, kt.data(), np, 1.0f, p, np);  // scores
             for (int64_t i = 0; i < n; ++i) softmax_row(p + i * np, n, np);
@@ -476,9 +518,10 @@ void forward_rows(const T* qkv, int64_t batch, int64_t n, int64_t heads, int64_t
     }
 }
 
+// sums: null, or (B, 3 * H * d) for each image's sums of the gradient over its tokens
 template <typename T>
-void backward_rows(const T* qkv, const T* grad_out, const float* probs, int64_t batch, int64_t n, int64_t heads,
-                   int64_t d, float scale, T* grad_qkv) {
+void backward_rows(const T* qkv, const float* bias, const T* grad_out, const float* probs, int64_t batch, int64_t n,
+                   int64_t heads, int64_t d, float scale, T* grad_qkv, float* sums) {
     const int64_t dim = heads * d, stride = 3 * dim, np = padded(n);
 #pragma omp parallel
     {
@@ -488,10 +531,11 @@ void backward_rows(const T* qkv, const T* grad_out, const float* probs, int64_t 
             const int64_t b = bh / heads, h = bh % heads;
             const T* rows = qkv + b * n * stride + h * d;
             T* grad_rows = grad_qkv + b * n * stride + h * d;
-            load_rows(rows, n, stride, d, scale, q.data());
-            load_rows(rows + dim, n, stride, d, 1.0f, k.data());
-            load_transposed(rows + 2 * dim, n, stride, d, np, vt.data());
-            load_rows(grad_out + b * n * dim + h * d, n, dim, d, 1.0f, go.data());
+            float* image_sums = sums ? sums + b * stride + h * d : nullptr;
+            load_rows(rows, n, stride, d, bias_of(bias, 0, dim, h, d), scale, q.data());
+            load_rows(rows + dim, n, stride, d, bias_of(bias, 1, dim, h, d), 1.0f, k.data());
+            load_transposed(rows + 2 * dim, n, stride, d, bias_of(bias, 2, dim, h, d), np, vt.data());
+            load_rows(grad_out + b * n * dim + h * d, n, dim, d, nullptr, 1.0f, go.data());
             const float* p = probs + bh * n * np;
             matmul(n, np, d, go.data(), d, 1, vt.data(), np, 1.0f, ds.data(), np);  // dP = dO V^T
             for (int64_t i = 0; i < n; ++i) {  // dS = P * (dP - rowsum(P * dP)); 0 in the padding, where P is
@@ -505,10 +549,13 @@ void backward_rows(const T* qkv, const T* grad_out, const float* probs, int64_t 
             }
             matmul(n, d, n, ds.data(), np, 1, k.data(), d, scale, grad.data(), d);  // dQ = scale dS K
             store_rows(grad.data(), n, d, grad_rows, stride);
+            if (image_sums) column_sums(grad.data(), n, d, image_sums);
             matmul(n, d, n, ds.data(), 1, np, q.data(), d, 1.0f, grad.data(), d);  // dK = dS^T (scale Q)
             store_rows(grad.data(), n, d, grad_rows + dim, stride);
+            if (image_sums) column_sums(grad.data(), n, d, image_sums + dim);
             matmul(n, d, n, p, 1, np, go.data(), d, 1.0f, grad.data(), d);  // dV = P^T dO
             store_rows(grad.data(), n, d, grad_rows + 2 * dim, stride);
+            if (image_sums) column_sums(grad.data(), n, d, image_sums + 2 * dim);
         }
     }
 }
@@ -525,36 +572,48 @@ void backward_rows(const T* qkv, const T* grad_out, const float* probs, int64_t 
 
 extern "C" {
 
-// qkv (B, T, 3, H, d) contiguous; out (B, T, H, d); probs fp32, in the row form (B * H, T, T padded to a multiple
-// of 16), in the lane form (H * ceil(B / 16), T, T, 16), [group][query][key][lane].
-// bf16 != 0: qkv and out are bf16.
-void vitscope_attention_forward(const void* qkv, int64_t batch, int64_t n, int64_t heads, int64_t d, float scale,
-                                void* out, float* probs, int bf16) {
+// qkv (B, T, 3, H, d) contiguous; bias: the qkv layer's (3, H, d) in fp32, added to qkv first, or null; out
+// (B, T, H, d); probs fp32, in the row form (B * H, T, T padded to a multiple of 16), in the lane form
+// (H * ceil(B / 16), T, T, 16), [group][query][key][lane]. bf16 != 0: qkv and out are bf16.
+void vitscope_attention_forward(const void* qkv, const float* bias, int64_t batch, int64_t n, int64_t heads, int64_t d,
+                                float scale, void* out, float* probs, int bf16) {
     if (d % 16 == 0) {
-        if (bf16) forward_rows(static_cast<const uint16_t*>(qkv), batch, n, heads, d, scale, static_cast<uint16_t*>(out), probs);
-        else forward_rows(static_cast<const float*>(qkv), batch, n, heads, d, scale, static_cast<float*>(out), probs);
+        if (bf16) forward_rows(static_cast<const uint16_t*>(qkv), bias, batch, n, heads, d, scale, static_cast<uint16_t*>(out), probs);
+        else forward_rows(static_cast<const float*>(qkv), bias, batch, n, heads, d, scale, static_cast<float*>(out), probs);
     } else if (bf16) {
-        VITSCOPE_DISPATCH(forward, uint16_t, d, static_cast<const uint16_t*>(qkv), batch, n, heads, d, scale,
+        VITSCOPE_DISPATCH(forward, uint16_t, d, static_cast<const uint16_t*>(qkv), bias, batch, n, heads, d, scale,
                           static_cast<uint16_t*>(out), probs)
     } else {
-        VITSCOPE_DISPATCH(forward, float, d, static_cast<const float*>(qkv), batch, n, heads, d, scale,
+        VITSCOPE_DISPATCH(forward, float, d, static_cast<const float*>(qkv), bias, batch, n, heads, d, scale,
                           static_cast<float*>(out), probs)
     }
 }
 
-// grad_out (B, T, H, d) contiguous, of qkv's dtype; grad_qkv (B, T, 3, H, d), every element written.
-void vitscope_attention_backward(const void* qkv, const void* grad_out, const float* probs, int64_t batch, int64_t n,
-                                 int64_t heads, int64_t d, float scale, void* grad_qkv, int bf16) {
+// grad_out (B, T, H, d) contiguous, of qkv's dtype; grad_qkv (B, T, 3, H, d), every element written; with
+// grad_bias not null, the bias's gradient too, (3, H, d) in fp32: the sums over images (in order, whatever the
+// number of threads) of each image's sums over its tokens, taken before grad_qkv is rounded to its dtype.
+void vitscope_attention_backward(const void* qkv, const float* bias, const void* grad_out, const float* probs,
+                                 int64_t batch, int64_t n, int64_t heads, int64_t d, float scale, void* grad_qkv,
+                                 float* grad_bias, int bf16) {
+    const int64_t width = 3 * heads * d;
+    std::vector<float> sums(grad_bias ? batch * width : 0);
+    float* image_sums = grad_bias ? sums.data() : nullptr;
     if (d % 16 == 0) {
-        if (bf16) backward_rows(static_cast<const uint16_t*>(qkv), static_cast<const uint16_t*>(grad_out), probs, batch, n, heads, d, scale, static_cast<uint16_t*>(grad_qkv));
-        else backward_rows(static_cast<const float*>(qkv), static_cast<const float*>(grad_out), probs, batch, n, heads, d, scale, static_cast<float*>(grad_qkv));
+        if (bf16) backward_rows(static_cast<const uint16_t*>(qkv), bias, static_cast<const uint16_t*>(grad_out), probs, batch, n, heads, d, scale, static_cast<uint16_t*>(grad_qkv), image_sums);
+        else backward_rows(static_cast<const float*>(qkv), bias, static_cast<const float*>(grad_out), probs, batch, n, heads, d, scale, static_cast<float*>(grad_qkv), image_sums);
     } else if (bf16) {
-        VITSCOPE_DISPATCH(backward, uint16_t, d, static_cast<const uint16_t*>(qkv),
+        VITSCOPE_DISPATCH(backward, uint16_t, d, static_cast<const uint16_t*>(qkv), bias,
                           static_cast<const uint16_t*>(grad_out), probs, batch, n, heads, d, scale,
-                          static_cast<uint16_t*>(grad_qkv))
+                          static_cast<uint16_t*>(grad_qkv), image_sums)
     } else {
-        VITSCOPE_DISPATCH(backward, float, d, static_cast<const float*>(qkv), static_cast<const float*>(grad_out),
-                          probs, batch, n, heads, d, scale, static_cast<float*>(grad_qkv))
+        VITSCOPE_DISPATCH(backward, float, d, static_cast<const float*>(qkv), bias, static_cast<const float*>(grad_out),
+                          probs, batch, n, heads, d, scale, static_cast<float*>(grad_qkv), image_sums)
+    }
+    if (grad_bias) {
+        std::fill(grad_bias, grad_bias + width, 0.0f);
+        for (int64_t b = 0; b < batch; ++b)
+#pragma omp simd
+            for (int64_t c = 0; c < width; ++c) grad_bias[c] += sums[b * width + c];
     }
 }
 

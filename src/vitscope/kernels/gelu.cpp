@@ -4,9 +4,15 @@
 // instead of a division, and exp is numerics.h's polynomial. What inductor generates from the torch ops
 // spends most of its time in Sleef's exp and a vector division (benchmarks/RESULTS.md).
 //
-// Storage fp32 or bf16 (as uint16_t), arithmetic fp32; OpenMP over 16-element pieces.
+// The GELU of a linear layer's output takes the layer's bias too, so the layer can be a plain matmul: ATen's
+// addmm with a bias first copies the bias into every row of its output and then adds the product to it, two
+// more passes over a (tokens, 512) tensor; and the backward sums the bias's gradient as it writes the input's.
+//
+// Storage fp32 or bf16 (as uint16_t), arithmetic fp32; OpenMP over rows.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "numerics.h"
 
@@ -66,48 +72,86 @@ inline __m512 gelu_gradient(__m512 x, __m512 grad) {
 }
 #endif
 
+// Rows of C elements, each plus a bias (fp32, one per column; none where bias is null), fp32 or bf16 storage.
+// y[r][c] = GELU(x[r][c] + bias[c])
 template <typename T>
-void forward(const T* x, int64_t n, T* y) {
-    const int64_t whole = n / 16 * 16;
+void forward(const T* x, int64_t rows, int64_t C, const float* bias, T* y) {
+    const int64_t whole = C / 16 * 16;
 #pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < whole; i += 16) {
+    for (int64_t r = 0; r < rows; ++r) {
+        const T* xr = x + r * C;
+        T* yr = y + r * C;
+        int64_t c = 0;
 #if defined(__AVX512F__)
-        store16(y + i, gelu(load16(x + i)));
-#else
-        for (int64_t k = i; k < i + 16; ++k) store(y + k, gelu(load(x + k)));
+        for (; c < whole; c += 16) {
+            const __m512 z = load16(xr + c);
+            store16(yr + c, gelu(bias ? _mm512_add_ps(z, _mm512_loadu_ps(bias + c)) : z));
+        }
 #endif
+        for (; c < C; ++c) store(yr + c, gelu(load(xr + c) + (bias ? bias[c] : 0.0f)));
     }
-    for (int64_t k = whole; k < n; ++k) store(y + k, gelu(load(x + k)));
 }
 
+// Rows summed into one partial sum of the bias's gradient per block of this many rows, the blocks then summed in
+// order: the same sums whatever the number of threads.
+constexpr int64_t BIAS_BLOCK = 64;
+
+// grad_x[r][c] = GELU'(z) grad[r][c] with z = x[r][c] + bias[c]; where grad_bias is not null, also
+// grad_bias[c] = sum_r grad_x[r][c] (in fp32, before grad_x is rounded to its dtype)
 template <typename T>
-void backward(const T* x, const T* grad, int64_t n, T* grad_x) {
-    const int64_t whole = n / 16 * 16;
+void backward(const T* x, const T* grad, int64_t rows, int64_t C, const float* bias, T* grad_x, float* grad_bias) {
+    const int64_t whole = C / 16 * 16, blocks = (rows + BIAS_BLOCK - 1) / BIAS_BLOCK;
+    std::vector<float> partial(grad_bias ? blocks * C : 0);
 #pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < whole; i += 16) {
+    for (int64_t block = 0; block < blocks; ++block) {
+        float* sums = grad_bias ? partial.data() + block * C : nullptr;
+        if (sums) std::fill(sums, sums + C, 0.0f);
+        for (int64_t r = block * BIAS_BLOCK; r < std::min(rows, (block + 1) * BIAS_BLOCK); ++r) {
+            const T *xr = x + r * C, *gr = grad + r * C;
+            T* out = grad_x + r * C;
+            int64_t c = 0;
 #if defined(__AVX512F__)
-        store16(grad_x + i, gelu_gradient(load16(x + i), load16(grad + i)));
-#else
-        for (int64_t k = i; k < i + 16; ++k) store(grad_x + k, gelu_gradient(load(x + k), load(grad + k)));
+            for (; c < whole; c += 16) {
+                __m512 z = load16(xr + c);
+                if (bias) z = _mm512_add_ps(z, _mm512_loadu_ps(bias + c));
+                const __m512 g = gelu_gradient(z, load16(gr + c));
+                store16(out + c, g);
+                if (sums) _mm512_storeu_ps(sums + c, _mm512_add_ps(_mm512_loadu_ps(sums + c), g));
+            }
 #endif
+            for (; c < C; ++c) {
+                const float g = gelu_gradient(load(xr + c) + (bias ? bias[c] : 0.0f), load(gr + c));
+                store(out + c, g);
+                if (sums) sums[c] += g;
+            }
+        }
     }
-    for (int64_t k = whole; k < n; ++k) store(grad_x + k, gelu_gradient(load(x + k), load(grad + k)));
+    if (grad_bias) {
+        std::fill(grad_bias, grad_bias + C, 0.0f);
+        for (int64_t block = 0; block < blocks; ++block)
+            for (int64_t c = 0; c < C; ++c) grad_bias[c] += partial[block * C + c];
+    }
 }
 
 }  // namespace
 
 extern "C" {
 
-// x and y: n contiguous elements, fp32 or (bf16 != 0) bf16
-void vitscope_gelu_forward(const void* x, int64_t n, void* y, int bf16) {
-    if (bf16) forward(static_cast<const uint16_t*>(x), n, static_cast<uint16_t*>(y));
-    else forward(static_cast<const float*>(x), n, static_cast<float*>(y));
+// x and y: rows of C contiguous elements, fp32 or (bf16 != 0) bf16; bias: C fp32 values added to each row
+// first, or null
+void vitscope_gelu_forward(const void* x, int64_t rows, int64_t C, const float* bias, void* y, int bf16) {
+    if (bf16) forward(static_cast<const uint16_t*>(x), rows, C, bias, static_cast<uint16_t*>(y));
+    else forward(static_cast<const float*>(x), rows, C, bias, static_cast<float*>(y));
 }
 
-// the gradient of GELU's input, from its input x and its output's gradient, all of one dtype
-void vitscope_gelu_backward(const void* x, const void* grad, int64_t n, void* grad_x, int bf16) {
-    if (bf16) backward(static_cast<const uint16_t*>(x), static_cast<const uint16_t*>(grad), n, static_cast<uint16_t*>(grad_x));
-    else backward(static_cast<const float*>(x), static_cast<const float*>(grad), n, static_cast<float*>(grad_x));
+// the gradient of GELU's input, from its input x (before the bias), the bias (or null) and its output's gradient,
+// x, grad and grad_x of one dtype; with grad_bias not null, the bias's gradient too (C fp32 values)
+void vitscope_gelu_backward(const void* x, const void* grad, int64_t rows, int64_t C, const float* bias, void* grad_x,
+                            float* grad_bias, int bf16) {
+    if (bf16) backward(static_cast<const uint16_t*>(x), static_cast<const uint16_t*>(grad), rows, C, bias,
+                       static_cast<uint16_t*>(grad_x), grad_bias);
+    else backward(static_cast<const float*>(x), static_cast<const float*>(grad), rows, C, bias,
+                  static_cast<float*>(grad_x), grad_bias);
 }
 
 }  // extern "C"
