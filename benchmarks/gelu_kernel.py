@@ -43,7 +43,7 @@ def main() -> None:
     forms = {
         "forward": {"compiled torch ops": torch.compile(torch_forward), "kernel": cpu_gelu.gelu},
         "backward": {"compiled torch ops": torch.compile(torch_backward),
-                     "kernel": lambda x, grad: cpu_gelu.gelu_backward(grad, x)},
+                     "kernel": lambda x, grad: cpu_gelu.gelu_backward(grad, x)[0]},
     }
     rows, columns = map(int, args.shape.split(","))
     for dtype_name in args.dtype.split(","):
