@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .cpu_kernels import VERSION, fp32_bias, library, pointer
+from .cpu_kernels import VERSION, bias_gradient, fp32_bias, library, pointer
 from .cpu_kernels import available, faster_here, unavailable_reason  # noqa: F401 (this module's API)
 
 LANES = 16  # images per vector in the kernel's lane form (its L)
@@ -59,17 +59,17 @@ def attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, bias: torch.Te
     qkv, grad_out, bias = qkv.contiguous(), grad_out.to(qkv.dtype).contiguous(), fp32_bias(bias)
     B, T, D3 = qkv.shape
     grad_qkv = torch.empty_like(qkv)
-    grad_bias = qkv.new_empty(D3 if bias is not None else 0, dtype=torch.float32)
+    grad_bias = bias_gradient(bias, D3, qkv)
     library().vitscope_attention_backward(qkv.data_ptr(), pointer(bias), grad_out.data_ptr(), probs.data_ptr(), B,
                                           T, heads, D3 // 3 // heads, scale, grad_qkv.data_ptr(),
-                                          pointer(grad_bias if bias is not None else None),
+                                          grad_bias.data_ptr() if bias is not None else None,
                                           int(qkv.dtype == torch.bfloat16))
     return grad_qkv, grad_bias
 
 
 @attention_backward.register_fake
 def _(grad_out, qkv, bias, probs, heads, scale):
-    return torch.empty_like(qkv), qkv.new_empty(qkv.shape[-1] if bias is not None else 0, dtype=torch.float32)
+    return torch.empty_like(qkv), bias_gradient(bias, qkv.shape[-1], qkv)
 
 
 class _Attention(torch.autograd.Function):

@@ -13,7 +13,12 @@ from __future__ import annotations
 
 import torch
 
-from .cpu_kernels import VERSION, fp32_bias, library, pointer
+from .cpu_kernels import VERSION, bias_gradient, fp32_bias, library, pointer
+
+
+def _columns(x: torch.Tensor) -> int:
+    """The length of the rows the kernel adds the bias to: x's last dimension."""
+    return x.shape[-1] if x.dim() else 1
 
 
 @torch.library.custom_op(f"vitscope::gelu_{VERSION}", mutates_args=())
@@ -21,7 +26,7 @@ def gelu(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """GELU(x + bias), bias (x.shape[-1],) or None."""
     x, bias = x.contiguous(), fp32_bias(bias)
     y = torch.empty_like(x)
-    C = x.shape[-1] if x.dim() else 1
+    C = _columns(x)
     library().vitscope_gelu_forward(x.data_ptr(), x.numel() // max(C, 1), C, pointer(bias), y.data_ptr(),
                                     int(x.dtype == torch.bfloat16))
     return y
@@ -38,18 +43,17 @@ def gelu_backward(grad: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None
     """The gradients of GELU(x + bias)'s x, in x's dtype, and of its bias in fp32 (empty where bias is None)."""
     x, grad, bias = x.contiguous(), grad.to(x.dtype).contiguous(), fp32_bias(bias)
     grad_x = torch.empty_like(x)
-    C = x.shape[-1] if x.dim() else 1
-    grad_bias = x.new_empty(C if bias is not None else 0, dtype=torch.float32)
+    C = _columns(x)
+    grad_bias = bias_gradient(bias, C, x)
     library().vitscope_gelu_backward(x.data_ptr(), grad.data_ptr(), x.numel() // max(C, 1), C, pointer(bias),
-                                     grad_x.data_ptr(), pointer(grad_bias if bias is not None else None),
+                                     grad_x.data_ptr(), grad_bias.data_ptr() if bias is not None else None,
                                      int(x.dtype == torch.bfloat16))
     return grad_x, grad_bias
 
 
 @gelu_backward.register_fake
 def _(grad, x, bias=None):
-    C = x.shape[-1] if x.dim() else 1
-    return torch.empty_like(x), x.new_empty(C if bias is not None else 0, dtype=torch.float32)
+    return torch.empty_like(x), bias_gradient(bias, _columns(x), x)
 
 
 class _GELU(torch.autograd.Function):

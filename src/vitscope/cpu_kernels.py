@@ -130,6 +130,12 @@ def fp32_bias(bias: torch.Tensor | None) -> torch.Tensor | None:
     return None if bias is None else bias.detach().float().contiguous()
 
 
+def bias_gradient(bias: torch.Tensor | None, size: int, like: torch.Tensor) -> torch.Tensor:
+    """Where a kernel's backward writes the bias's gradient: `size` fp32 values, or none where there is no bias (a
+    custom op returns a tensor, not None)."""
+    return like.new_empty(size if bias is not None else 0, dtype=torch.float32)
+
+
 def pointer(t: torch.Tensor | None) -> int | None:
     """A tensor's address for ctypes; None (a null pointer) for no tensor."""
     return None if t is None else t.data_ptr()

@@ -609,12 +609,7 @@ void vitscope_attention_backward(const void* qkv, const float* bias, const void*
         VITSCOPE_DISPATCH(backward, float, d, static_cast<const float*>(qkv), bias, static_cast<const float*>(grad_out),
                           probs, batch, n, heads, d, scale, static_cast<float*>(grad_qkv), image_sums)
     }
-    if (grad_bias) {
-        std::fill(grad_bias, grad_bias + width, 0.0f);
-        for (int64_t b = 0; b < batch; ++b)
-#pragma omp simd
-            for (int64_t c = 0; c < width; ++c) grad_bias[c] += sums[b * width + c];
-    }
+    if (grad_bias) sum_rows(sums.data(), batch, width, grad_bias);
 }
 
 }  // extern "C"

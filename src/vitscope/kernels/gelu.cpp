@@ -126,11 +126,7 @@ void backward(const T* x, const T* grad, int64_t rows, int64_t C, const float* b
             }
         }
     }
-    if (grad_bias) {
-        std::fill(grad_bias, grad_bias + C, 0.0f);
-        for (int64_t block = 0; block < blocks; ++block)
-            for (int64_t c = 0; c < C; ++c) grad_bias[c] += partial[block * C + c];
-    }
+    if (grad_bias) sum_rows(partial.data(), blocks, C, grad_bias);
 }
 
 }  // namespace

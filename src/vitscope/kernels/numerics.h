@@ -51,6 +51,14 @@ inline float exp_nonpositive(float x) {
     return p * scale;
 }
 
+// out[c] = sum_r partial[r * width + c], the rows summed in order: a kernel's partial sums (per image, per block of
+// rows) reduced to the same bits whatever the number of threads that wrote them
+inline void sum_rows(const float* partial, int64_t rows, int64_t width, float* out) {
+    std::fill(out, out + width, 0.0f);
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < width; ++c) out[c] += partial[r * width + c];
+}
+
 #if defined(__AVX512F__)
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const uint16_t* p) {
