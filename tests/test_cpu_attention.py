@@ -110,6 +110,16 @@ def test_the_gelu_kernel_adds_a_bias_and_returns_its_gradient(columns, dtype):
     gelu_matches_fp64(dtype, columns)
 
 
+def assert_same_logits_and_gradients(a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor) -> None:
+    """Two models with the same weights: the same logits, and the same gradients of every parameter."""
+    logits = a(x)
+    torch.testing.assert_close(logits, b(x), atol=1e-5, rtol=1e-5)
+    logits.logsumexp(-1).sum().backward()
+    b(x).logsumexp(-1).sum().backward()
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
 @needs_kernel
 def test_a_model_with_the_kernel_gives_the_explicit_forms_logits_and_gradients():
     torch.manual_seed(0)
@@ -118,13 +128,8 @@ def test_a_model_with_the_kernel_gives_the_explicit_forms_logits_and_gradients()
     explicit.load_state_dict(kernel.state_dict())
     assert all(block.attn.kernel for block in kernel.blocks) and not explicit.blocks[0].attn.kernel
     x = torch.randn(19, 1, 28, 28)
-    logits = kernel(x)
-    torch.testing.assert_close(logits, explicit(x), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(kernel(x, return_attention=True)[0], logits, atol=1e-5, rtol=1e-5)
-    logits.logsumexp(-1).sum().backward()
-    explicit(x).logsumexp(-1).sum().backward()
-    for (name, p), q in zip(kernel.named_parameters(), explicit.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+    torch.testing.assert_close(kernel(x, return_attention=True)[0], kernel(x), atol=1e-5, rtol=1e-5)
+    assert_same_logits_and_gradients(kernel, explicit, x)
 
 
 @needs_kernel
@@ -140,13 +145,7 @@ def test_biases_the_kernels_add_give_the_layers_own_logits_and_gradients(dim):
     outside = ViT(ViTConfig(**{**config, "bias_in_kernels": False})).train()
     outside.load_state_dict(inside.state_dict())
     assert inside.blocks[0].attn.bias_in_kernel and not outside.blocks[0].mlp.bias_in_kernel
-    x = torch.randn(7, 1, 28, 28)
-    logits = inside(x)
-    torch.testing.assert_close(logits, outside(x), atol=1e-5, rtol=1e-5)
-    logits.logsumexp(-1).sum().backward()
-    outside(x).logsumexp(-1).sum().backward()
-    for (name, p), q in zip(inside.named_parameters(), outside.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert_same_logits_and_gradients(inside, outside, torch.randn(7, 1, 28, 28))
 
 
 @needs_kernel
