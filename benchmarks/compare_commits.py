@@ -2,6 +2,7 @@
 
     python benchmarks/compare_commits.py cd69175 HEAD                  # the fast preset
     python benchmarks/compare_commits.py cd69175 HEAD --preset seed --windows 9
+    python benchmarks/compare_commits.py HEAD~1 HEAD --size mid --seconds 2   # throughput.py's mid size and step
 
 Separate processes run minutes apart, and this shared machine's speed drifts by tens of percent between
 minutes, so a change of a few percent only shows when the versions share the minutes. Each commit's
@@ -42,10 +43,14 @@ def export_package(commit: str, folder: Path) -> str:
     return name
 
 
-def build_step(package: str, preset: str, batch: int):
+def build_step(package: str, preset: str, batch: int, size: str | None = None):
     config, model_module, train, device_module = (importlib.import_module(f"{package}.{module}")
                                                   for module in ("config", "model", "train", "device"))
     recipe = config.PRESETS[preset]
+    if size:  # as throughput.py and step_time.py --size build it
+        from throughput import SIZES  # this folder's
+        recipe = dataclasses.replace(recipe, model=config.ViTConfig(**SIZES[size]),
+                                     train=config.TrainConfig(optimizer="adamw", lr=1e-3, batch_size=256))
     train_config = dataclasses.replace(recipe.train, compile="on", batch_size=batch or recipe.train.batch_size)
     device = torch.device("cpu")
     precision = device_module.select_precision(train_config.precision, device)
@@ -65,6 +70,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("commits", nargs="+", help="git revisions; the first is the baseline")
     ap.add_argument("--preset", default="fast")
+    ap.add_argument("--size", choices=["seed", "mid"], help="throughput.py's model size and step (AdamW, batch "
+                    "256), not a preset's")
     ap.add_argument("--batch", type=int, default=0, help="default: the preset's")
     ap.add_argument("--windows", type=int, default=9)
     ap.add_argument("--seconds", type=float, default=0.8, help="about this long per window")
@@ -76,7 +83,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         sys.path.insert(0, tmp)
         packages = [export_package(commit, Path(tmp)) for commit in args.commits]
-        steps = {package: build_step(package, args.preset, args.batch) for package in packages}
+        steps = {package: build_step(package, args.preset, args.batch, args.size) for package in packages}
         times: dict[str, list[float]] = {package: [] for package in packages}
         for _ in range(args.windows):
             for package, (step, images, labels, _) in steps.items():
@@ -89,7 +96,7 @@ def main() -> None:
     baseline = times[packages[0]]
     for commit, package in zip(args.commits, packages):
         ratios = [b / t for b, t in zip(baseline, times[package])]
-        row = {"commit": commit, "package": package, "preset": args.preset, "precision": steps[package][3],
+        row = {"commit": commit, "package": package, "preset": args.size or args.preset, "precision": steps[package][3],
                "batch": len(steps[package][2]), "ms_per_step": round(statistics.median(times[package]), 2),
                "speedup": round(statistics.median(ratios), 3), "windows": [round(t, 2) for t in times[package]],
                "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__}
