@@ -1,7 +1,9 @@
 """Milliseconds of a linear layer's pieces at the mid size's MLP shape (12,800 tokens, 128 -> 512, bf16): the
 bias added by ATen's addmm against a plain matmul, with the GELU kernel after it (adding the bias itself, as
 `ViTConfig.bias_in_kernels` runs it), and the weight's gradient dW = dY^T X with dY^T a transposed view (as
-autograd computes it) against a contiguous copy.
+autograd computes it) against a contiguous copy (made beforehand, or in the timed call), against dW^T = X^T dY,
+and the input's gradient dX = dY W beside it, with dY stored as usual and stored transposed (what a kernel that
+wrote only dY^T would leave the layer's backward).
 
     python benchmarks/linear_bias.py
     python benchmarks/linear_bias.py --tokens 12800 --inputs 128 --outputs 384 --json
@@ -43,6 +45,10 @@ def main() -> None:
         "mm (no bias)": lambda: F.linear(x, weight),
         "dW, dY^T a view": lambda: grad.t() @ x,
         "dW, dY^T contiguous": lambda: grad_t @ x,
+        "dW, dY^T copied to contiguous in the call": lambda: grad.t().contiguous() @ x,
+        "dW^T = X^T dY, X^T a view": lambda: x.t() @ grad,
+        "dX = dY W": lambda: grad @ weight,
+        "dX = dY W, dY stored transposed": lambda: grad_t.t() @ weight,
     }
     if cpu_kernels.available():
         variants["addmm, then the GELU kernel"] = lambda: cpu_gelu.gelu(F.linear(x, weight, bias.bfloat16()))
