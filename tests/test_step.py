@@ -214,6 +214,23 @@ def test_what_a_compiled_step_depends_on_names_its_file():
     assert len({path, *others}) == len(others) + 1
 
 
+def test_a_saved_step_is_never_loaded_under_other_custom_op_names(monkeypatch):
+    """The saved graph calls the kernels' ops by their versioned names (cpu_kernels.VERSION, a digest that also
+    covers kernels/*.h): a header changed alone once renamed the ops but loaded the old file, whose first call
+    then failed with "no attribute 'attention_<old digest>'"."""
+    from vitscope import cpu_kernels
+    from vitscope.device import precompiled_path
+
+    class Owner:
+        def step(self, x):
+            return x
+
+    x = torch.zeros(4, 3)
+    path = precompiled_path(Owner().step, "model A", (x,), {})
+    monkeypatch.setattr(cpu_kernels, "VERSION", "0" * 12)
+    assert precompiled_path(Owner().step, "model A", (x,), {}) != path
+
+
 class Uncompiled:
     """A step's function where WholeStep keeps its CompiledOrEager: called as it is, never compiled."""
     source = None

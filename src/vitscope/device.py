@@ -179,9 +179,10 @@ def precompiled(method, saved_as: str, args: tuple, kwargs: dict):
 
     Loading skips what a warm compile cache still costs each process: dynamo traces the Python again (~4 s
     of the `fast` preset's step on the Zen 4 host; loading it takes ~1 s). The file's name is a hash of all
-    the compiled code may depend on: torch, Python, the CPU's vector ISA, vitscope's source, `saved_as`, the
-    arguments' structure (tensors' shapes, dtypes and devices; other values as they are), the autocast
-    state and inductor's settings. The function's own guards are checked too (`GuardedOnChange`)."""
+    the compiled code may depend on: torch, Python, the CPU's vector ISA, vitscope's source, the names of its
+    custom ops, `saved_as`, the arguments' structure (tensors' shapes, dtypes and devices; other values as
+    they are), the autocast state and inductor's settings. The function's own guards are checked too
+    (`GuardedOnChange`)."""
     try:
         from torch._guards import TracingContext, tracing
 
@@ -214,11 +215,16 @@ def precompiled_path(method, saved_as: str, args: tuple, kwargs: dict) -> Path:
     from torch._inductor import config
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
+    # The saved graph calls vitscope's custom ops by name, and their names carry the digest this process gave
+    # them (cpu_kernels.VERSION, which also covers the kernels' headers): a graph saved under other names
+    # would fail at its first call.
+    from .cpu_kernels import VERSION as kernel_ops_version
+
     autocast_state = [(device, torch.is_autocast_enabled(device), str(torch.get_autocast_dtype(device)))
                       for device in ("cpu", "cuda")]
     key = json.dumps([torch.__version__, sys.version, platform.machine(), torch.backends.cpu.get_cpu_capability(),
-                      _source_digest(), method.__qualname__, saved_as, _structure(args), _structure(kwargs),
-                      autocast_state, repr(sorted(config.save_config_portable().items()))])
+                      _source_digest(), kernel_ops_version, method.__qualname__, saved_as, _structure(args),
+                      _structure(kwargs), autocast_state, repr(sorted(config.save_config_portable().items()))])
     return Path(cache_dir()) / "vitscope-precompiled" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.bin"
 
 
