@@ -258,10 +258,11 @@ def _structure(value):
 
 @functools.lru_cache(maxsize=1)
 def _source_digest() -> str:
-    """A hash of vitscope's own source files: a changed model or step must never load an old graph."""
+    """A hash of vitscope's own Python files: a changed model or step must never load an old graph. (The
+    kernels' sources are in cpu_kernels.VERSION, which `precompiled_path` adds to the key.)"""
     digest = hashlib.sha256()
     package = Path(__file__).parent
-    for file in sorted(package.glob("*.py")) + sorted(package.glob("kernels/*.cpp")):
+    for file in sorted(package.glob("*.py")):
         digest.update(file.name.encode() + b"\0" + file.read_bytes())
     return digest.hexdigest()
 
