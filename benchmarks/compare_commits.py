@@ -47,10 +47,9 @@ def build_step(package: str, preset: str, batch: int, size: str | None = None):
     config, model_module, train, device_module = (importlib.import_module(f"{package}.{module}")
                                                   for module in ("config", "model", "train", "device"))
     recipe = config.PRESETS[preset]
-    if size:  # as throughput.py and step_time.py --size build it
-        from throughput import SIZES  # this folder's
-        recipe = dataclasses.replace(recipe, model=config.ViTConfig(**SIZES[size]),
-                                     train=config.TrainConfig(optimizer="adamw", lr=1e-3, batch_size=256))
+    if size:
+        from throughput import size_preset  # this folder's
+        recipe = size_preset(recipe, size, config)
     train_config = dataclasses.replace(recipe.train, compile="on", batch_size=batch or recipe.train.batch_size)
     device = torch.device("cpu")
     precision = device_module.select_precision(train_config.precision, device)

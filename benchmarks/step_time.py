@@ -57,11 +57,10 @@ def main() -> None:
 
     keep_freed_memory()  # as `vitscope train` does
     preset = PRESETS[args.preset]
-    if args.size:  # as profile_step.py --size builds it
-        from throughput import SIZES  # this folder's
-        from vitscope import TrainConfig, ViTConfig
-        preset = dataclasses.replace(preset, name=f"{args.size} size", model=ViTConfig(**SIZES[args.size]),
-                                     train=TrainConfig(optimizer="adamw", lr=1e-3, batch_size=256))
+    if args.size:
+        from throughput import size_preset  # this folder's
+        from vitscope import config
+        preset = size_preset(preset, args.size, config)
     device = torch.device("cpu")
     precisions = args.precision.split(",") if args.precision else [select_precision(preset.train.precision, device)]
     batch = args.batch or preset.train.batch_size

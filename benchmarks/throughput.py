@@ -21,6 +21,7 @@ One JSON object per line with --json: {"impl", "size", "batch", "dtype", "img_pe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -34,6 +35,13 @@ SIZES = {  # patch, dim, depth, heads, mlp
     "mid": dict(patch_size=4, dim=128, depth=6, heads=4, mlp_dim=512),
 }
 IMPLS = ["vitscope", "hf", "vit-pytorch", "timm"]
+
+
+def size_preset(preset, size_name: str, config_module):
+    """`preset` with a model size of this file's and the recipe of its vitscope step (AdamW at lr 1e-3, batch
+    256), from `config_module`'s classes (vitscope.config, or another commit's in compare_commits.py)."""
+    return dataclasses.replace(preset, name=f"{size_name} size", model=config_module.ViTConfig(**SIZES[size_name]),
+                               train=config_module.TrainConfig(optimizer="adamw", lr=1e-3, batch_size=256))
 
 
 def build_vitscope(size: dict, attention: str):
