@@ -35,10 +35,9 @@ struct Group {  // which images and head a block of lanes holds
     int64_t b0, lanes, h;
 };
 
-inline Group group_of(int64_t g, int64_t batch) {
-    const int64_t blocks = (batch + L - 1) / L;
-    const int64_t b0 = (g % blocks) * L;
-    return {b0, std::min(L, batch - b0), g / blocks};
+inline Group group_of(int64_t g, int64_t batch, int64_t heads) {
+    const int64_t b0 = (g / heads) * L;
+    return {b0, std::min(L, batch - b0), g % heads};
 }
 
 #if defined(__AVX512F__)
@@ -63,6 +62,11 @@ inline void store_halves(uint16_t* low, uint16_t* high, __m512 v) {  // rounded 
     const __m256i packed = to_bf16(v);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(low), _mm256_castsi256_si128(packed));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(high), _mm256_extracti128_si256(packed, 1));
+}
+
+inline void store_low(float* p, __m512 v) { _mm256_storeu_ps(p, _mm512_castps512_ps256(v)); }
+inline void store_low(uint16_t* p, __m512 v) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(to_bf16(v)));
 }
 
 // r[a][b] -> r[b][a] for 16 rows of 16 floats
@@ -112,6 +116,17 @@ void gather(const T* rows, int64_t n, int64_t row_stride, int64_t offset, int64_
                 for (int64_t k = 0; k < 16; ++k) r[k] = _mm512_add_ps(r[k], _mm512_set1_ps(bias[(m0 + k) % d]));
             for (int64_t k = 0; k < 16; ++k) _mm512_storeu_ps(x + (m0 + k) * L, _mm512_mul_ps(r[k], factor));
         }
+        if (m0 + 8 <= n * d) {  // the last 8 elements (n * d an odd multiple of 8): a tile half zeros
+            const T* low = first + (m0 / d) * row_stride + m0 % d;
+            __m512 r[16];
+            for (int64_t l = 0; l < L; ++l) r[l] = join(load8(low + l * n * row_stride), _mm256_setzero_ps());
+            transpose16(r);
+            for (int64_t k = 0; k < 8; ++k) {
+                if (bias) r[k] = _mm512_add_ps(r[k], _mm512_set1_ps(bias[(m0 + k) % d]));
+                _mm512_storeu_ps(x + (m0 + k) * L, _mm512_mul_ps(r[k], factor));
+            }
+            m0 += 8;
+        }
     }
 #endif
     if (g.lanes < L) std::fill(x + m0 * L, x + n * d * L, 0.0f);
@@ -138,6 +153,15 @@ void scatter(const float* x, int64_t n, int64_t row_stride, int64_t offset, int6
             for (int64_t k = 0; k < 16; ++k) r[k] = _mm512_mul_ps(_mm512_loadu_ps(x + (m0 + k) * L), factor);
             transpose16(r);
             for (int64_t l = 0; l < L; ++l) store_halves(low + l * n * row_stride, high + l * n * row_stride, r[l]);
+        }
+        if (m0 + 8 <= n * d) {  // the last 8 elements, as in gather
+            T* low = first + (m0 / d) * row_stride + m0 % d;
+            __m512 r[16];
+            for (int64_t k = 0; k < 16; ++k)
+                r[k] = k < 8 ? _mm512_mul_ps(_mm512_loadu_ps(x + (m0 + k) * L), factor) : _mm512_setzero_ps();
+            transpose16(r);
+            for (int64_t l = 0; l < L; ++l) store_low(low + l * n * row_stride, r[l]);
+            m0 += 8;
         }
     }
 #endif
@@ -241,7 +265,7 @@ void forward(const T* qkv, const float* bias, int64_t batch, int64_t n, int64_t 
         std::vector<float> q(n * d * L), k(n * d * L), v(n * d * L), o(n * d * L);
 #pragma omp for schedule(static)
         for (int64_t gi = 0; gi < groups; ++gi) {
-            const Group g = group_of(gi, batch);
+            const Group g = group_of(gi, batch, heads);
             gather_qkv<T, DC>(qkv, bias, n, heads, d, scale, g, q.data(), k.data(), v.data());
             float* p_group = probs + gi * n * n * L;
             for (int64_t i = 0; i < n; ++i) {
@@ -262,9 +286,12 @@ void forward(const T* qkv, const float* bias, int64_t batch, int64_t n, int64_t 
                         total[l] += e;
                     }
                 }
+                float inverse[L];  // one division per lane, not per score (vdivps is ~16x a multiply)
+#pragma omp simd
+                for (int64_t l = 0; l < L; ++l) inverse[l] = 1.0f / total[l];
                 for (int64_t j = 0; j < n; ++j) {
 #pragma omp simd
-                    for (int64_t l = 0; l < L; ++l) s[j * L + l] /= total[l];
+                    for (int64_t l = 0; l < L; ++l) s[j * L + l] *= inverse[l];
                 }
                 weighted_sum<DC>(s, L, v.data(), n, d, 1.0f, o.data() + i * d * L);
             }
@@ -286,7 +313,7 @@ void backward(const T* qkv, const float* bias, const T* grad_out, const float* p
         std::vector<float> q(size), k(size), v(size), go(size), grad(size), ds(n * n * L);
 #pragma omp for schedule(static)
         for (int64_t gi = 0; gi < groups; ++gi) {
-            const Group g = group_of(gi, batch);
+            const Group g = group_of(gi, batch, heads);
             gather_qkv<T, DC>(qkv, bias, n, heads, d, scale, g, q.data(), k.data(), v.data());
             gather<T, DC>(grad_out, n, dim, g.h * d, d, nullptr, 1.0f, g, go.data());
             const float* p = probs + gi * n * n * L;
