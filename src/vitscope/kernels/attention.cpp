@@ -35,6 +35,9 @@ struct Group {  // which images and head a block of lanes holds
     int64_t b0, lanes, h;
 };
 
+// Groups run image-block-major, the heads of one block of 16 images one after another: they read the same
+// cache lines of qkv, and each thread's share of the groups is its own share of the images. (Head-major, each
+// thread read every image's rows once per head, and the gathers waited on those loads.)
 inline Group group_of(int64_t g, int64_t batch, int64_t heads) {
     const int64_t b0 = (g / heads) * L;
     return {b0, std::min(L, batch - b0), g % heads};
