@@ -138,6 +138,30 @@ def test_a_saved_compiled_step_is_loaded_by_the_next_one_and_moves_the_model_the
     assert compiled_run(recipe)[2] == "loaded"
 
 
+def test_a_saved_step_that_loads_but_fails_when_called_is_deleted_and_the_step_traced(saved_steps, monkeypatch):
+    """As a step saved under custom ops' names that no longer exist did (fifteenth session), before any tensor
+    was touched: training goes on, compiled the usual way."""
+    import vitscope.device as device
+
+    recipe = TrainConfig(optimizer="adamw", lr=3e-3, epochs=1, compile="on")
+    params, losses, source, _ = compiled_run(recipe)
+    assert source == "saved" and len(list(saved_steps.iterdir())) == 1
+
+    class Stale:
+        def guard_check(self, *args, **kwargs):
+            return True
+
+        def fn(self, *args, **kwargs):
+            raise AttributeError("'_OpNamespace' 'vitscope' object has no attribute 'attention_000000000000'")
+
+    monkeypatch.setattr(device, "precompiled", lambda *args: (Stale(), "loaded"))
+    with pytest.warns(UserWarning, match="loaded compiled step failed .*AttributeError"):
+        again = compiled_run(recipe)
+    assert again[2] == "compiled" and not list(saved_steps.iterdir())
+    torch.testing.assert_close(again[1], losses, atol=1e-6, rtol=1e-6)
+    assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(again[0], params))
+
+
 def test_a_saved_step_checks_its_guards_again_when_its_fingerprint_changes_and_traces_where_they_fail(
         saved_steps, monkeypatch):
     import vitscope.device as device

@@ -102,7 +102,9 @@ class CompiledOrEager:
 
     With `saved_as` (for a bound method: a string naming whatever the method reads from its object that the
     compiled code depends on), the compiled function is also kept on disk and later processes load it
-    (`precompiled`): no tracing at all. `self.source` then says where the code came from. Such a function
+    (`precompiled`): no tracing at all. `self.source` then says where the code came from. A file that loads
+    but fails at its first call (one saved by other code under the same name) is deleted, with a warning, and
+    the step compiled the usual way. Such a function
     checks its guards (every tensor's metadata, every constant) at each call; with `fingerprint`, a
     function of the call's arguments that changes whenever anything the guards check could, it checks them
     only when the fingerprint is new (the guards cost ~5% of a `seed` preset's step of ~5 ms)."""
@@ -136,9 +138,18 @@ class CompiledOrEager:
         if self.saved_as is not None:
             found = precompiled(self.fn, self.saved_as, args, kwargs)
             if found is not None:
-                compiled, self.source = found
-                self.call = GuardedOnChange(compiled, self.fn.__self__, self.fingerprint, self.call)
-                return self.call(*args, **kwargs)
+                compiled, source = found
+                guarded = GuardedOnChange(compiled, self.fn.__self__, self.fingerprint, self.call)
+                try:
+                    result = guarded(*args, **kwargs)
+                except Exception as e:  # a file that loads but cannot run: forgotten, and the step traced anew
+                    precompiled_path(self.fn, self.saved_as, args, kwargs).unlink(missing_ok=True)
+                    first_line = (str(e).strip().splitlines() or [""])[0][:200]
+                    warnings.warn(f"the {source} compiled step failed ({type(e).__name__}: {first_line}); it is "
+                                  "deleted and the step compiled the usual way", stacklevel=2)
+                else:
+                    self.call, self.source = guarded, source
+                    return result
         try:
             result = self.call(*args, **kwargs)
             self.source = "compiled"
