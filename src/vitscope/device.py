@@ -90,6 +90,11 @@ def avoid_known_compiler_bugs(device: torch.device) -> list[str]:
     return changed
 
 
+def error_summary(error: Exception) -> str:
+    """An exception's type and the first line of its message (at most 200 characters), for a one-line warning."""
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
+
+
 class CompiledOrEager:
     """`fn` through torch.compile, which compiles on the first call and fails there if it cannot (no C++
     compiler, an unsupported platform): then a warning, and plain `fn` from then on (a real error in `fn`
@@ -144,8 +149,7 @@ class CompiledOrEager:
                     result = guarded(*args, **kwargs)
                 except Exception as e:  # a file that loads but cannot run: forgotten, and the step traced anew
                     precompiled_path(self.fn, self.saved_as, args, kwargs).unlink(missing_ok=True)
-                    first_line = (str(e).strip().splitlines() or [""])[0][:200]
-                    warnings.warn(f"the {source} compiled step failed ({type(e).__name__}: {first_line}); it is "
+                    warnings.warn(f"the {source} compiled step failed ({error_summary(e)}); it is "
                                   "deleted and the step compiled the usual way", stacklevel=2)
                 else:
                     self.call, self.source = guarded, source
@@ -155,8 +159,7 @@ class CompiledOrEager:
             self.source = "compiled"
             return result
         except Exception as e:
-            first_line = (str(e).strip().splitlines() or [""])[0][:200]
-            warnings.warn(f"torch.compile failed ({type(e).__name__}: {first_line}); training continues "
+            warnings.warn(f"torch.compile failed ({error_summary(e)}); training continues "
                           "without it (set compile = \"off\" to skip the attempt)", stacklevel=2)
             self.call, self.source = self.fn, "eager"
             return self.fn(*args, **kwargs)

@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_leaves
 
 from .config import TrainConfig, ViTConfig
 from .data import normalize
-from .device import CompiledOrEager, autocast, avoid_known_compiler_bugs
+from .device import CompiledOrEager, autocast, avoid_known_compiler_bugs, error_summary
 from .optim import TensorUpdate
 
 
@@ -131,8 +131,7 @@ class WholeStep:
             self.graph = CapturedStep(self.compiled, args, key)
         except Exception as e:  # the step then runs as compiled, launch by launch
             self.graph_wanted, self.graph = False, None
-            first_line = (str(e).strip().splitlines() or [""])[0][:200]
-            self.graph_note = f"no CUDA graph: capturing the step failed ({type(e).__name__}: {first_line})"
+            self.graph_note = f"no CUDA graph: capturing the step failed ({error_summary(e)})"
             warnings.warn(self.graph_note + "; training continues without it", stacklevel=3)
             return self.compiled(*args)
         self.graph_note = f"step captured as a CUDA graph at call {self.calls}; each later step replays it"
