@@ -56,7 +56,8 @@ def test_the_vector_isa_probe_runs_once_and_its_result_is_reused(monkeypatch, tm
     config, cpu_vec_isa, claimed = _isa_probe_test_setup(monkeypatch, tmp_path)
     reuse_vec_isa_probe()  # the first process: inductor's probe runs, and its result is recorded
     [record] = tmp_path.glob("vitscope-vec-isa-*.json")
-    passed = json.loads(record.read_text())
+    found = json.loads(record.read_text())
+    passed, checks = found["passed"], found["checks"]
     assert passed == sorted(str(isa) for isa in cpu_vec_isa.valid_vec_isa_list())
     assert config.cpp.vec_isa_ok is (True if passed == claimed else None)
 
@@ -64,19 +65,44 @@ def test_the_vector_isa_probe_runs_once_and_its_result_is_reused(monkeypatch, tm
         raise AssertionError("probed again")
     monkeypatch.setattr(cpu_vec_isa, "valid_vec_isa_list", no_probe)
     monkeypatch.setattr(config.cpp, "vec_isa_ok", None)  # a later process
-    record.write_text(json.dumps(claimed))
+    record.write_text(json.dumps({"passed": claimed, "checks": checks}))
     reuse_vec_isa_probe()
     assert config.cpp.vec_isa_ok is (True if claimed else None)
 
     monkeypatch.setattr(config.cpp, "vec_isa_ok", None)
-    record.write_text(json.dumps(claimed[1:]))  # one ISA failed the probe: inductor decides, as usual
+    record.write_text(json.dumps({"passed": claimed[1:], "checks": checks}))  # one ISA failed: inductor decides
     reuse_vec_isa_probe()
     assert config.cpp.vec_isa_ok is None
 
     monkeypatch.setattr(config.cpp, "vec_isa_ok", False)  # the user's own setting stands
-    record.write_text(json.dumps(claimed))
+    record.write_text(json.dumps({"passed": claimed, "checks": checks}))
     reuse_vec_isa_probe()
     assert config.cpp.vec_isa_ok is False
+
+
+def test_an_isa_check_that_passed_is_not_run_again_and_one_that_failed_is(monkeypatch):
+    # AVX-512 BF16, VNNI and AMX each build and load a test library in a new process, whatever vec_isa_ok says.
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the vector-ISA probe is x86's")
+    from torch._inductor import cpu_vec_isa
+    calls = []
+
+    def check_build(isa, code):  # stands in for inductor's: build, then load in a child process
+        calls.append(code)
+        return code == "passes"
+
+    monkeypatch.setattr(cpu_vec_isa.VecISA, "check_build", check_build)
+    checks = device._recorded_checks(cpu_vec_isa, {})  # the first process
+    isa = cpu_vec_isa.VecAVX2()
+    assert isa.check_build("passes") and isa.check_build("passes")
+    assert not isa.check_build("fails") and not isa.check_build("fails")
+    assert calls == ["passes", "fails", "fails"] and list(checks.values()) == [True]
+
+    monkeypatch.setattr(cpu_vec_isa.VecISA, "check_build", check_build)  # a later process, given the record
+    calls.clear()
+    device._recorded_checks(cpu_vec_isa, dict(checks))
+    assert isa.check_build("passes") and not isa.check_build("fails")
+    assert calls == ["fails"]
 
 
 def test_freed_memory_is_kept_on_glibc_unless_the_user_tuned_malloc(monkeypatch):

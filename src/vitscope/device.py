@@ -319,15 +319,18 @@ def keep_freed_memory() -> bool:
 
 
 def reuse_vec_isa_probe() -> None:
-    """Spare torch.compile its CPU vector-ISA probe in every process but the first.
+    """Spare torch.compile its CPU vector-ISA probes in every process but the first.
 
     Inductor checks each vector ISA the CPU's flags claim (AVX2, AVX-512, ...) by building a test library
     and loading it in a new Python process: 1.2 s of every compiled run on the Zen 4 host (cProfile), with a
-    warm compile cache. The first process runs the probe and records which ISAs passed, keyed by the torch
-    build, the Python, the C++ compiler and the CPU's flags; where every claimed ISA passed, this and every
-    later process with the same key tell inductor so (`config.cpp.vec_isa_ok`), and no later one probes.
-    Where an ISA failed, or anything here is not as expected (inductor internals move between torch
-    versions), inductor probes as usual. A user's own TORCHINDUCTOR_VEC_ISA_OK always wins."""
+    warm compile cache. Some ISAs then check their extensions the same way, whatever `vec_isa_ok` says
+    (AVX-512 BF16, VNNI, AMX and AMX-FP16 in torch 2.13: six child processes, 0.5 s of every first step on
+    the Intel host). The first process runs the probes and records which ISAs passed and what each of those
+    checks answered, keyed by the torch build, the Python, the C++ compiler and the CPU's flags. Where every
+    claimed ISA passed, this and every later process with the same key tell inductor so
+    (`config.cpp.vec_isa_ok`); every check with a recorded answer gets it without a new process
+    (`_recorded_checks`). Where an ISA failed, or anything here is not as expected (inductor internals move
+    between torch versions), inductor probes as usual. A user's own TORCHINDUCTOR_VEC_ISA_OK always wins."""
     try:
         from torch._inductor import config, cpp_builder, cpu_vec_isa
         from torch._inductor.runtime.cache_dir_utils import cache_dir
@@ -339,15 +342,18 @@ def reuse_vec_isa_probe() -> None:
         compiler = cpp_builder.get_cpp_compiler()
         compiler_path = shutil.which(compiler)
         key = json.dumps([torch.__version__, sys.executable, compiler_path,
-                          os.stat(compiler_path).st_mtime_ns if compiler_path else None, sorted(flags)])
+                          os.stat(compiler_path).st_mtime_ns if compiler_path else None, sorted(flags), 2])
         record = Path(cache_dir()) / f"vitscope-vec-isa-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
         if record.is_file():
-            passed = json.loads(record.read_text())
+            found = json.loads(record.read_text())
+            passed, checks = found["passed"], found["checks"]
+            _recorded_checks(cpu_vec_isa, checks)
         else:
-            passed = sorted(str(isa) for isa in cpu_vec_isa.valid_vec_isa_list())  # runs the probe
+            checks = _recorded_checks(cpu_vec_isa, {})
+            passed = sorted(str(isa) for isa in cpu_vec_isa.valid_vec_isa_list())  # runs the probes
             record.parent.mkdir(parents=True, exist_ok=True)
             tmp = record.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(passed))
+            tmp.write_text(json.dumps({"passed": passed, "checks": checks}))
             os.replace(tmp, record)
         # Set in the probing process too: the setting is part of inductor's compile-cache key, so every
         # process of a machine must agree on it, or the second run would compile everything again.
@@ -355,6 +361,32 @@ def reuse_vec_isa_probe() -> None:
             config.cpp.vec_isa_ok = True
     except Exception:  # the probe then runs as inductor's own code decides
         return
+
+
+def _recorded_checks(cpu_vec_isa, checks: dict) -> dict:
+    """Route inductor's `VecISA.check_build` (build a test library with an ISA's flags, load it in a new
+    process) through `checks`: a check recorded there as passed is not run again, and one that passes is
+    added to it. A failed check is not recorded, so it runs again in every process, as inductor would run it.
+    Keyed by the ISA, its compiler flags and the test code. Installed once per process; returns the dict in
+    use."""
+    original = cpu_vec_isa.VecISA.check_build
+    if getattr(original, "vitscope_checks", None) is not None:
+        original.vitscope_checks.update(checks)
+        return original.vitscope_checks
+
+    @functools.wraps(original)
+    def check_build(self, code: str) -> bool:
+        key = f"{self}|{self.build_arch_flags()}|{hashlib.sha256(code.encode()).hexdigest()[:16]}"
+        if check_build.vitscope_checks.get(key):
+            return True
+        passed = bool(original(self, code))
+        if passed:
+            check_build.vitscope_checks[key] = True
+        return passed
+
+    check_build.vitscope_checks = dict(checks)
+    cpu_vec_isa.VecISA.check_build = check_build
+    return check_build.vitscope_checks
 
 
 def claimed_vec_isas(flags: list[str] | None = None) -> list[str]:
