@@ -14,6 +14,9 @@ other 10,000 (written as an IDX set, so `test_acc` in that mode is validation ac
 is then only read once the recipe is fixed.
 
     python benchmarks/time_to_accuracy.py --validation --seeds 0 1 -- --config my_recipe.toml
+
+With --avx2-proxy, each process runs through `avx2_proxy.py`: on a CPU with AVX-512, vitscope as an AVX2-only
+CPU such as the Zen 3 host would run it (a stand-in: see that script).
 """
 from __future__ import annotations
 
@@ -46,11 +49,12 @@ def write_validation_split(folder: Path) -> Path:
     return folder
 
 
-def run_one(preset: str, seed: int, out: Path, cold: bool, extra: list[str]) -> dict:
+def run_one(preset: str, seed: int, out: Path, cold: bool, extra: list[str], avx2_proxy: bool = False) -> dict:
     env = dict(os.environ)
     if cold:
         env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-cold-")
-    command = [sys.executable, "-m", "vitscope", "train", "--preset", preset, "--seed", str(seed),
+    launcher = [str(Path(__file__).with_name("avx2_proxy.py"))] if avx2_proxy else ["-m", "vitscope"]
+    command = [sys.executable, *launcher, "train", "--preset", preset, "--seed", str(seed),
                "--out", str(out), "--no-progress", *extra]
     start = time.perf_counter()
     p = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -65,7 +69,7 @@ def run_one(preset: str, seed: int, out: Path, cold: bool, extra: list[str]) -> 
             "test_acc": rows[-1]["test_acc"], "precision": config["precision"],
             "compiled": config.get("compiled", False), "cpu": config["hardware"]["cpu"],
             "gpu": config["hardware"].get("gpu"),
-            "torch": config["versions"]["torch"], "run": str(out)}
+            "torch": config["versions"]["torch"], "avx2_proxy": avx2_proxy, "run": str(out)}
 
 
 def main() -> None:
@@ -76,6 +80,8 @@ def main() -> None:
     ap.add_argument("--cold", action="store_true", help="an empty compile cache for every process")
     ap.add_argument("--validation", action="store_true",
                     help="train on 50,000 training images, score on the other 10,000 (for choosing a recipe)")
+    ap.add_argument("--avx2-proxy", action="store_true",
+                    help="run each process as an AVX2-only CPU would (benchmarks/avx2_proxy.py)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("extra", nargs="*", help="more `vitscope train` flags, after --")
     args = ap.parse_args()
@@ -85,7 +91,7 @@ def main() -> None:
         extra += ["--dataset", "idx", "--data-dir", str(write_validation_split(parent / "validation-split"))]
     results = []
     for seed in args.seeds:
-        result = run_one(args.preset, seed, parent / f"seed{seed}", args.cold, extra)
+        result = run_one(args.preset, seed, parent / f"seed{seed}", args.cold, extra, args.avx2_proxy)
         result["scored_on"] = "validation" if args.validation else "test"
         results.append(result)
         print(json.dumps(result) if args.json else
@@ -96,7 +102,7 @@ def main() -> None:
     summary = {"preset": args.preset, "seeds": len(results), "mean_test_acc": round(statistics.mean(accs), 5),
                "min_test_acc": min(accs), "max_test_acc": max(accs), "median_wall_s": statistics.median(walls),
                "scored_on": results[0]["scored_on"], "cold_cache": args.cold, "cpu": results[0]["cpu"],
-               "gpu": results[0]["gpu"],
+               "gpu": results[0]["gpu"], "avx2_proxy": args.avx2_proxy,
                "precision": results[0]["precision"]}
     print(json.dumps(summary) if args.json else
           f"{args.preset}: mean {summary['scored_on']} accuracy {summary['mean_test_acc']:.2%} over {len(results)} seeds "
