@@ -324,12 +324,11 @@ def reuse_vec_isa_probe() -> None:
     Inductor checks each vector ISA the CPU's flags claim (AVX2, AVX-512, ...) by building a test library
     and loading it in a new Python process: 1.2 s of every compiled run on the Zen 4 host (cProfile), with a
     warm compile cache. Some ISAs then check their extensions the same way, whatever `vec_isa_ok` says
-    (AVX-512 BF16, VNNI, AMX and AMX-FP16 in torch 2.13: six child processes, 0.5 s of every first step on
-    the Intel host). The first process runs the probes and records which ISAs passed and what each of those
-    checks answered, keyed by the torch build, the Python, the C++ compiler and the CPU's flags. Where every
-    claimed ISA passed, this and every later process with the same key tell inductor so
-    (`config.cpp.vec_isa_ok`); every check with a recorded answer gets it without a new process
-    (`_recorded_checks`). Where an ISA failed, or anything here is not as expected (inductor internals move
+    (AVX-512 BF16, VNNI, AMX and AMX-FP16 in torch 2.13: six child processes, 0.54 s of every first step on
+    the Intel host under cProfile). The first process runs the probes and records which ISAs passed and which
+    of those checks passed, keyed by the torch build, the Python, the C++ compiler and the CPU's flags. Where
+    every claimed ISA passed, this and every later process with the same key tell inductor so
+    (`config.cpp.vec_isa_ok`); a check recorded as passed is not run again (`_recorded_checks`). Where an ISA failed, or anything here is not as expected (inductor internals move
     between torch versions), inductor probes as usual. A user's own TORCHINDUCTOR_VEC_ISA_OK always wins."""
     try:
         from torch._inductor import config, cpp_builder, cpu_vec_isa
