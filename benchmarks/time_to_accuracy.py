@@ -107,7 +107,8 @@ def main() -> None:
     print(json.dumps(summary) if args.json else
           f"{args.preset}: mean {summary['scored_on']} accuracy {summary['mean_test_acc']:.2%} over {len(results)} seeds "
           f"(min {summary['min_test_acc']:.2%}, max {summary['max_test_acc']:.2%}); median wall-clock "
-          f"{summary['median_wall_s']:.1f} s on {summary['gpu'] or summary['cpu']} ({summary['precision']})")
+          f"{summary['median_wall_s']:.1f} s on {summary['gpu'] or summary['cpu']} ({summary['precision']}"
+          f"{', as an AVX2-only CPU: avx2_proxy.py' if args.avx2_proxy else ''})")
 
 
 if __name__ == "__main__":

@@ -328,8 +328,9 @@ def reuse_vec_isa_probe() -> None:
     the Intel host under cProfile). The first process runs the probes and records which ISAs passed and which
     of those checks passed, keyed by the torch build, the Python, the C++ compiler and the CPU's flags. Where
     every claimed ISA passed, this and every later process with the same key tell inductor so
-    (`config.cpp.vec_isa_ok`); a check recorded as passed is not run again (`_recorded_checks`). Where an ISA failed, or anything here is not as expected (inductor internals move
-    between torch versions), inductor probes as usual. A user's own TORCHINDUCTOR_VEC_ISA_OK always wins."""
+    (`config.cpp.vec_isa_ok`); a check recorded as passed is not run again (`_recorded_checks`). Where an ISA
+    failed, or anything here is not as expected (inductor internals move between torch versions), inductor
+    probes as usual. A user's own TORCHINDUCTOR_VEC_ISA_OK always wins."""
     try:
         from torch._inductor import config, cpp_builder, cpu_vec_isa
         from torch._inductor.runtime.cache_dir_utils import cache_dir
