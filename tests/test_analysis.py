@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import run_cli
-from vitscope import BlogViT, TrainConfig, ViT, ViTConfig, VitscopeError
+from vitscope import BlogViT, RuntimeConfig, TrainConfig, ViT, ViTConfig, VitscopeError
 from vitscope.analysis import (attention_rollout, class_token_attention, confusion_matrix,
                                embedding_principal_components, mean_attention_distance, position_embeddings,
                                position_similarity, rollout_map, similarity_by_relation)
@@ -19,9 +19,10 @@ TINY = ViTConfig(patch_size=7, dim=16, depth=2, heads=2, mlp_dim=32)
 
 
 def tiny_run(idx_dir, folder, model: ViTConfig):
-    recipe = TrainConfig(epochs=1, batch_size=32, lr=2e-3, dataset="idx", data_dir=str(idx_dir), precision="fp32",
-                         device="cpu", softmax_before_loss=model.architecture == "blog")
-    return train(model, recipe, folder, progress=False, log=lambda *args, **kwargs: None)
+    recipe = TrainConfig(epochs=1, batch_size=32, lr=2e-3, dataset="idx", data_dir=str(idx_dir),
+                         softmax_before_loss=model.architecture == "blog")
+    return train(model, recipe, folder, progress=False, log=lambda *args, **kwargs: None,
+                 runtime=RuntimeConfig(precision="fp32", device="cpu"))
 
 
 def centre(index: int, grid: int, patch_size: int) -> tuple[float, float]:

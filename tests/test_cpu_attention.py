@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vitscope import ViT, ViTConfig
-from vitscope import cpu_attention, cpu_gelu, cpu_kernels
-from vitscope.model import kernel_is_faster
+from vitscope import RuntimeConfig, ViTConfig, cpu_attention, cpu_gelu, cpu_kernels
+from vitscope.fastpath import kernel_is_faster
+from vitscope.model import build_model
 
 needs_kernel = pytest.mark.skipif(not cpu_attention.available(),
                                   reason=f"no attention kernel here: {cpu_attention.unavailable_reason()}")
@@ -123,8 +123,8 @@ def assert_same_logits_and_gradients(a: torch.nn.Module, b: torch.nn.Module, x: 
 @needs_kernel
 def test_a_model_with_the_kernel_gives_the_explicit_forms_logits_and_gradients():
     torch.manual_seed(0)
-    kernel = ViT(ViTConfig(**{**SEED_SIZE.__dict__, "attention": "kernel"}))
-    explicit = ViT(ViTConfig(**{**SEED_SIZE.__dict__, "attention": "explicit"}))
+    kernel = build_model(SEED_SIZE, RuntimeConfig(attention="kernel"))
+    explicit = build_model(SEED_SIZE, RuntimeConfig(attention="explicit"))
     explicit.load_state_dict(kernel.state_dict())
     assert all(block.attn.kernel for block in kernel.blocks) and not explicit.blocks[0].attn.kernel
     x = torch.randn(19, 1, 28, 28)
@@ -136,13 +136,13 @@ def test_a_model_with_the_kernel_gives_the_explicit_forms_logits_and_gradients()
 @pytest.mark.parametrize("dim", [32, 64])  # head sizes 8 (the lane form) and 16 (the row form)
 def test_biases_the_kernels_add_give_the_layers_own_logits_and_gradients(dim):
     torch.manual_seed(0)
-    config = {**SEED_SIZE.__dict__, "dim": dim, "attention": "kernel", "gelu": "kernel"}
-    inside = ViT(ViTConfig(**config)).train()
+    config = ViTConfig(**{**SEED_SIZE.__dict__, "dim": dim})
+    inside = build_model(config, RuntimeConfig(attention="kernel", gelu="kernel")).train()
     with torch.no_grad():  # biases start at zero: make them count
         for name, p in inside.named_parameters():
             if name.endswith("bias"):
                 p.normal_()
-    outside = ViT(ViTConfig(**{**config, "bias_in_kernels": False})).train()
+    outside = build_model(config, RuntimeConfig(attention="kernel", gelu="kernel", bias_in_kernels=False)).train()
     outside.load_state_dict(inside.state_dict())
     assert inside.blocks[0].attn.bias_in_kernel and not outside.blocks[0].mlp.bias_in_kernel
     assert_same_logits_and_gradients(inside, outside, torch.randn(7, 1, 28, 28))
@@ -152,7 +152,7 @@ def test_biases_the_kernels_add_give_the_layers_own_logits_and_gradients(dim):
 def test_compiled_grad_through_the_kernel_equals_autograd():
     # The compiled whole step differentiates with torch.func.grad; the kernel's op must be traced, not broken on.
     torch.manual_seed(0)
-    model = ViT(ViTConfig(**{**SEED_SIZE.__dict__, "attention": "kernel"}))
+    model = build_model(SEED_SIZE, RuntimeConfig(attention="kernel"))
     x = torch.randn(5, 1, 28, 28)
     params = dict(model.named_parameters())
 
@@ -171,9 +171,10 @@ def test_auto_runs_the_kernel_on_an_avx512_cpu_where_it_was_measured_faster(monk
     assert not kernel_is_faster(12) and not kernel_is_faster(24)
     for avx512 in (True, False):
         monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"avx2"} | ({"avx512f"} if avx512 else set()))
-        assert ViT(SEED_SIZE).blocks[0].attn.kernel == avx512  # head size 8
-        assert ViT(ViTConfig(dim=64, heads=4)).blocks[0].attn.kernel == avx512  # head size 16
-        assert not ViT(ViTConfig(dim=48, heads=4)).blocks[0].attn.kernel  # head size 12
+        auto = RuntimeConfig()
+        assert build_model(SEED_SIZE, auto).blocks[0].attn.kernel == avx512  # head size 8
+        assert build_model(ViTConfig(dim=64, heads=4), auto).blocks[0].attn.kernel == avx512  # head size 16
+        assert not build_model(ViTConfig(dim=48, heads=4), auto).blocks[0].attn.kernel  # head size 12
 
 
 def test_without_a_compiler_the_model_falls_back_to_the_explicit_form(monkeypatch):
@@ -183,10 +184,10 @@ def test_without_a_compiler_the_model_falls_back_to_the_explicit_form(monkeypatc
         assert not cpu_attention.available() and "compiler" in cpu_attention.unavailable_reason()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            model = ViT(ViTConfig(**{**SEED_SIZE.__dict__, "attention": "kernel"}))
+            model = build_model(SEED_SIZE, RuntimeConfig(attention="kernel"))
         assert any("could not be built" in str(w.message) for w in caught)
         assert not model.blocks[0].attn.kernel
-        assert ViT(SEED_SIZE)(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+        assert build_model(SEED_SIZE, RuntimeConfig())(torch.randn(2, 1, 28, 28)).shape == (2, 10)
     finally:
         cpu_kernels.load.cache_clear()
 

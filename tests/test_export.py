@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from conftest import run_cli, synthetic_digits, write_idx_dataset
 from vitscope import cli, load_run
-from vitscope.config import TrainConfig, ViTConfig
+from vitscope.config import RuntimeConfig, TrainConfig, ViTConfig
 from vitscope.errors import VitscopeError
 from vitscope.export import export_onnx
 from vitscope.huggingface import save_hf_directory, vit_config_from_hf
@@ -29,11 +29,11 @@ TINY = ViTConfig(patch_size=7, dim=16, depth=2, heads=2, mlp_dim=32, num_classes
 CLASSES = [str(i) for i in range(TINY.num_classes)]
 
 
-def scrambled(config: ViTConfig, seed: int = 0) -> torch.nn.Module:
+def scrambled(config: ViTConfig, seed: int = 0, runtime: RuntimeConfig | None = None) -> torch.nn.Module:
     """A model whose every weight is O(1) noise: at init (std 0.02) all logits are near zero and a wrong mapping
     of q/k/v, heads or norms could still pass a 1e-4 check; here it cannot."""
     torch.manual_seed(seed)
-    model = build_model(config).eval()
+    model = build_model(config, runtime).eval()
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.copy_(torch.randn_like(parameter) * 0.5)
@@ -66,11 +66,12 @@ def assert_loads_cleanly(directory: Path):
     return model
 
 
-@pytest.mark.parametrize("config", [replace(TINY, attention="fused"), replace(TINY, attention="explicit"),
-                                    replace(TINY, architecture="blog")],
+@pytest.mark.parametrize("config,runtime", [(TINY, RuntimeConfig(attention="fused")),
+                                            (TINY, RuntimeConfig(attention="explicit")),
+                                            (replace(TINY, architecture="blog"), RuntimeConfig())],
                          ids=["vit-fused-attention", "vit-explicit-attention", "blog"])
-def test_onnx_logits_equal_pytorchs_for_batch_sizes_1_and_7(config, tmp_path):
-    model = scrambled(config)
+def test_onnx_logits_equal_pytorchs_for_batch_sizes_1_and_7(config, runtime, tmp_path):
+    model = scrambled(config, runtime=runtime)
     result = export_onnx(model, config, tmp_path / "model.onnx")
     session = onnxruntime.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
     (given,), (returned,) = session.get_inputs(), session.get_outputs()
@@ -243,9 +244,9 @@ def tiny_run(tmp_path_factory):
     """A real run directory: TINY trained for 2 epochs on a synthetic 4-class IDX set."""
     root = tmp_path_factory.mktemp("export")
     data = write_idx_dataset(root / "idx", n_train=256, n_test=64)
-    recipe = TrainConfig(epochs=2, batch_size=32, lr=2e-3, dataset="idx", data_dir=str(data), precision="fp32",
-                         device="cpu")
-    return train(TINY, recipe, root / "run", progress=False, log=lambda *a, **k: None).path
+    recipe = TrainConfig(epochs=2, batch_size=32, lr=2e-3, dataset="idx", data_dir=str(data))
+    return train(TINY, recipe, root / "run", progress=False, log=lambda *a, **k: None,
+                 runtime=RuntimeConfig(precision="fp32", device="cpu")).path
 
 
 def test_cli_exports_a_run_to_onnx(tiny_run, tmp_path, capsys):

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_cli
-from vitscope.config import TrainConfig, ViTConfig
+from vitscope.config import RuntimeConfig, TrainConfig, ViTConfig
 from vitscope.model import ViT
 from vitscope.optim import MuonAdamW, orthogonalize
 from vitscope.train import make_optimizer, train
@@ -75,7 +75,8 @@ def test_adamw_groups_match_torch_adamw():
 
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     model = ViT(ViTConfig(dim=16, depth=2, heads=2, mlp_dim=32))
-    optimizer = make_optimizer(model, TrainConfig(optimizer="muon", lr=1e-3, muon_lr=0.02, weight_decay=0.05))
+    optimizer = make_optimizer(model, TrainConfig(optimizer="muon", lr=1e-3, muon_lr=0.02, weight_decay=0.05),
+                               RuntimeConfig())
     assert isinstance(optimizer, MuonAdamW)
     names = {id(p): n for n, p in model.named_parameters()}
     muon = {names[id(p)] for g in optimizer.param_groups if g["muon"] for p in g["params"]}
@@ -104,11 +105,14 @@ def test_muon_learns_from_the_cli(idx_dir, tmp_path):
 def test_muon_run_resumes_bitwise(idx_dir, tmp_path, compile):
     model = ViTConfig(patch_size=7, dim=16, depth=1, heads=2, mlp_dim=32)
     recipe = TrainConfig(epochs=2, batch_size=32, optimizer="muon", lr=3e-3, muon_lr=0.02, weight_decay=0.05,
-                         schedule="cosine", dataset="idx", data_dir=str(idx_dir), precision="fp32", device="cpu",
-                         compile=compile)
-    quiet = lambda *a, **k: None  # noqa: E731
-    straight = train(model, recipe, tmp_path / "straight", progress=False, log=quiet)
-    train(model, recipe, tmp_path / "resumed", progress=False, stop_after_epoch=1, log=quiet)
+                         schedule="cosine", dataset="idx", data_dir=str(idx_dir))
+    runtime = RuntimeConfig(precision="fp32", device="cpu", compile=compile)
+
+    def quiet(*args, **kwargs):
+        pass
+
+    straight = train(model, recipe, tmp_path / "straight", progress=False, log=quiet, runtime=runtime)
+    train(model, recipe, tmp_path / "resumed", progress=False, stop_after_epoch=1, log=quiet, runtime=runtime)
     resumed = train(None, None, tmp_path / "resumed", resume=True, progress=False, log=quiet)
     a, b = load_file(str(straight.weights_file)), load_file(str(resumed.weights_file))
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,12 +1,11 @@
 import copy
-import dataclasses
 import os
 import warnings
 
 import pytest
 import torch
 
-from vitscope.config import TrainConfig, ViTConfig
+from vitscope.config import RuntimeConfig, TrainConfig, ViTConfig
 from vitscope.model import ViT, build_model
 from vitscope.optim import TensorUpdate
 from vitscope.step import WholeStep, make_train_step
@@ -22,17 +21,22 @@ def batches(n: int, size: int = 16):
              torch.randint(0, 10, (size,), generator=generator)) for _ in range(n)]
 
 
-def run_steps(model_config: ViTConfig, recipe: TrainConfig, whole: str | None, steps: int = 6):
+EAGER = RuntimeConfig(compile="off")
+COMPILED = RuntimeConfig(compile="on")
+
+
+def run_steps(model_config: ViTConfig, recipe: TrainConfig, whole: str | None, steps: int = 6,
+              runtime: RuntimeConfig = EAGER):
     """`steps` steps of the usual eager step (whole=None), or of WholeStep run eagerly ("eager") or compiled
     ("compiled"), on the same model, data and schedule (warmup, then cosine: the rate moves every step)."""
     torch.manual_seed(0)
-    model = build_model(model_config)
-    optimizer = make_optimizer(model, recipe)
+    model = build_model(model_config, runtime)
+    optimizer = make_optimizer(model, recipe, runtime)
     scheduler = make_scheduler(optimizer, recipe, steps)
     if whole is None:
-        step = make_train_step(model, optimizer, scheduler, recipe, model_config, CPU, "fp32")
+        step = make_train_step(model, optimizer, scheduler, recipe, runtime, model_config, CPU, "fp32")
     else:
-        step = WholeStep(model, optimizer, scheduler, recipe, model_config, CPU, "fp32")
+        step = WholeStep(model, optimizer, scheduler, recipe, runtime, model_config, CPU, "fp32")
         if whole == "eager":
             step.compiled = step.step
     losses, hits = zip(*(step(images, labels) for images, labels in batches(steps)))
@@ -44,7 +48,7 @@ def run_steps(model_config: ViTConfig, recipe: TrainConfig, whole: str | None, s
 def test_whole_step_follows_the_usual_step(optimizer, weight_decay, grad_clip, architecture):
     model_config = ViTConfig(**{**TINY.__dict__, "architecture": architecture})
     recipe = TrainConfig(optimizer=optimizer, lr=3e-3, muon_lr=0.02, weight_decay=weight_decay, grad_clip=grad_clip,
-                         epochs=1, schedule="cosine", warmup_epochs=0.5, label_smoothing=0.1, compile="off",
+                         epochs=1, schedule="cosine", warmup_epochs=0.5, label_smoothing=0.1,
                          softmax_before_loss=architecture == "blog")
     usual_model, usual_optimizer, usual_losses, usual_hits = run_steps(model_config, recipe, None)
     model, optimizer, losses, hits = run_steps(model_config, recipe, "eager")
@@ -67,24 +71,26 @@ def test_whole_step_follows_the_usual_step(optimizer, weight_decay, grad_clip, a
 def test_compiled_whole_step_moves_the_model_as_the_eager_one_with_one_graph_for_the_whole_schedule():
     # Traced in this process (not loaded from a saved step: that one never recompiles, its guards would fail).
     recipe = TrainConfig(optimizer="muon", lr=3e-3, muon_lr=0.02, weight_decay=0.05, grad_clip=0.5, epochs=1,
-                         schedule="cosine", warmup_epochs=0.5, compile="on", save_compiled_step=False)
-    eager_model, _, eager_losses, _ = run_steps(TINY, recipe, "eager")
+                         schedule="cosine", warmup_epochs=0.5)
+    runtime = RuntimeConfig(compile="on", save_compiled_step=False)
+    eager_model, _, eager_losses, _ = run_steps(TINY, recipe, "eager", runtime=runtime)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="torch.compile failed")  # it really compiled
         warnings.filterwarnings("error", message=".*lr_scheduler.step")  # "... before optimizer.step()"
         with torch._dynamo.config.patch(error_on_recompile=True):  # the moving rate is an input, not a constant
-            model, _, losses, _ = run_steps(TINY, recipe, "compiled")
+            model, _, losses, _ = run_steps(TINY, recipe, "compiled", runtime=runtime)
     torch.testing.assert_close(losses, eager_losses, atol=1e-5, rtol=1e-5)
     for p, q in zip(model.parameters(), eager_model.parameters()):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
 
 
 def test_make_train_step_takes_the_whole_step_only_where_it_is_asked_for_and_can_be_done():
-    def step_for(build=None, **fields):
-        recipe = TrainConfig(**{"optimizer": "adamw", "compile": "on", **fields})
+    def step_for(build=None, optimizer="adamw", **fields):
+        recipe, runtime = TrainConfig(optimizer=optimizer), RuntimeConfig(**{"compile": "on", **fields})
         model = ViT(TINY)
-        optimizer = build(model.parameters()) if build else make_optimizer(model, recipe)
-        return make_train_step(model, optimizer, make_scheduler(optimizer, recipe, 10), recipe, TINY, CPU, "fp32")
+        optimizer = build(model.parameters()) if build else make_optimizer(model, recipe, runtime)
+        return make_train_step(model, optimizer, make_scheduler(optimizer, recipe, 10), recipe, runtime, TINY, CPU,
+                               "fp32")
 
     assert isinstance(step_for(), WholeStep)
     assert isinstance(step_for(optimizer="muon"), WholeStep)
@@ -95,14 +101,15 @@ def test_make_train_step_takes_the_whole_step_only_where_it_is_asked_for_and_can
     assert TensorUpdate.supports(torch.optim.Adam(ViT(TINY).parameters(), fused=True))
 
 
-def compiled_run(recipe: TrainConfig, model_config: ViTConfig = TINY, steps: int = 3):
+def compiled_run(recipe: TrainConfig, runtime: RuntimeConfig = COMPILED, model_config: ViTConfig = TINY,
+                 steps: int = 3):
     """`steps` compiled steps on a fresh model: its parameters, the losses, where the step's code came from, and
     what the training log says of it."""
     torch.manual_seed(0)
-    model = build_model(model_config)
-    optimizer = make_optimizer(model, recipe)
-    step = make_train_step(model, optimizer, make_scheduler(optimizer, recipe, steps), recipe, model_config, CPU,
-                           "fp32")
+    model = build_model(model_config, runtime)
+    optimizer = make_optimizer(model, recipe, runtime)
+    step = make_train_step(model, optimizer, make_scheduler(optimizer, recipe, steps), recipe, runtime, model_config,
+                           CPU, "fp32")
     losses = torch.stack([step(images, labels)[0] for images, labels in batches(steps)])
     return [p.detach().clone() for p in model.parameters()], losses, step.compiled.source, step.compiled.describe()
 
@@ -110,16 +117,16 @@ def compiled_run(recipe: TrainConfig, model_config: ViTConfig = TINY, steps: int
 @pytest.fixture
 def saved_steps(tmp_path, monkeypatch):
     """Saved steps go to a folder of the test's own (under their usual names), which it returns."""
-    import vitscope.device as device
+    import vitscope.compiled as compiled
 
-    where = device.precompiled_path
-    monkeypatch.setattr(device, "precompiled_path", lambda *args: tmp_path / where(*args).name)
+    where = compiled.precompiled_path
+    monkeypatch.setattr(compiled, "precompiled_path", lambda *args: tmp_path / where(*args).name)
     return tmp_path
 
 
 def test_a_saved_compiled_step_is_loaded_by_the_next_one_and_moves_the_model_the_same(saved_steps):
     recipe = TrainConfig(optimizer="adamw", lr=3e-3, weight_decay=0.05, grad_clip=0.5, epochs=1, schedule="cosine",
-                         warmup_epochs=0.5, compile="on")
+                         warmup_epochs=0.5)
     params, losses, source, said = compiled_run(recipe)
     assert source == "saved" and len(list(saved_steps.iterdir())) == 1 and "saved" in said
     file, = saved_steps.iterdir()
@@ -128,7 +135,7 @@ def test_a_saved_compiled_step_is_loaded_by_the_next_one_and_moves_the_model_the
     assert again[2] == "loaded" and file.stat().st_mtime > 0  # marked as used: pruned last
     assert again[3].startswith("compiled step loaded")
     assert torch.equal(again[1], losses) and all(torch.equal(p, q) for p, q in zip(again[0], params))
-    traced = compiled_run(TrainConfig(**{**recipe.__dict__, "save_compiled_step": False}))
+    traced = compiled_run(recipe, RuntimeConfig(compile="on", save_compiled_step=False))
     assert traced[2] == "compiled"
     torch.testing.assert_close(traced[1], losses, atol=1e-6, rtol=1e-6)
 
@@ -139,11 +146,11 @@ def test_a_saved_compiled_step_is_loaded_by_the_next_one_and_moves_the_model_the
 
 
 def test_a_saved_step_that_loads_but_fails_when_called_is_deleted_and_the_step_traced(saved_steps, monkeypatch):
-    """As a step saved under custom ops' names that no longer exist did (fifteenth session), before any tensor
-    was touched: training goes on, compiled the usual way."""
-    import vitscope.device as device
+    """As a step saved under custom ops' names that no longer exist did, before any tensor was touched: training
+    goes on, compiled the usual way."""
+    import vitscope.compiled as compiled
 
-    recipe = TrainConfig(optimizer="adamw", lr=3e-3, epochs=1, compile="on")
+    recipe = TrainConfig(optimizer="adamw", lr=3e-3, epochs=1)
     params, losses, source, _ = compiled_run(recipe)
     assert source == "saved" and len(list(saved_steps.iterdir())) == 1
 
@@ -154,7 +161,7 @@ def test_a_saved_step_that_loads_but_fails_when_called_is_deleted_and_the_step_t
         def fn(self, *args, **kwargs):
             raise AttributeError("'_OpNamespace' 'vitscope' object has no attribute 'attention_000000000000'")
 
-    monkeypatch.setattr(device, "precompiled", lambda *args: (Stale(), "loaded"))
+    monkeypatch.setattr(compiled, "precompiled", lambda *args: (Stale(), "loaded"))
     with pytest.warns(UserWarning, match="loaded compiled step failed .*AttributeError"):
         again = compiled_run(recipe)
     assert again[2] == "compiled" and not list(saved_steps.iterdir())
@@ -164,17 +171,18 @@ def test_a_saved_step_that_loads_but_fails_when_called_is_deleted_and_the_step_t
 
 def test_a_saved_step_checks_its_guards_again_when_its_fingerprint_changes_and_traces_where_they_fail(
         saved_steps, monkeypatch):
-    import vitscope.device as device
+    import vitscope.compiled as compiled
 
-    recipe = TrainConfig(optimizer="adamw", lr=3e-3, epochs=1, compile="on")
+    recipe = TrainConfig(optimizer="adamw", lr=3e-3, epochs=1)
     torch.manual_seed(0)
-    model = build_model(TINY)
-    optimizer = make_optimizer(model, recipe)
-    step = make_train_step(model, optimizer, make_scheduler(optimizer, recipe, 10), recipe, TINY, CPU, "fp32")
+    model = build_model(TINY, COMPILED)
+    optimizer = make_optimizer(model, recipe, COMPILED)
+    step = make_train_step(model, optimizer, make_scheduler(optimizer, recipe, 10), recipe, COMPILED, TINY, CPU,
+                           "fp32")
     (images, labels), = batches(1)
     step(images, labels)
     call = step.compiled.call
-    assert isinstance(call, device.GuardedOnChange)
+    assert isinstance(call, compiled.GuardedOnChange)
     checks = []
     check = call.compiled.guard_check
     monkeypatch.setattr(call.compiled, "guard_check", lambda *args: checks.append(1) or check(*args))
@@ -196,18 +204,18 @@ def test_a_saved_step_checks_its_guards_again_when_its_fingerprint_changes_and_t
 
 
 def test_a_saved_step_is_named_by_the_model_it_runs_not_only_by_the_config_it_is_given():
-    recipe = TrainConfig(optimizer="adamw", compile="on")
+    recipe = TrainConfig(optimizer="adamw")
     names = set()
-    for attention in ("fused", "explicit"):  # the caller passes the same ViTConfig for both models
-        model = build_model(dataclasses.replace(TINY, attention=attention))
-        optimizer = make_optimizer(model, recipe)
-        step = WholeStep(model, optimizer, make_scheduler(optimizer, recipe, 10), recipe, TINY, CPU, "fp32")
+    for attention in ("fused", "explicit"):  # the caller passes the same ViTConfig and RuntimeConfig for both
+        model = build_model(TINY, RuntimeConfig(attention=attention))
+        optimizer = make_optimizer(model, recipe, COMPILED)
+        step = WholeStep(model, optimizer, make_scheduler(optimizer, recipe, 10), recipe, COMPILED, TINY, CPU, "fp32")
         names.add(step.compiled.saved_as)
     assert len(names) == 2
 
 
 def test_only_the_most_recently_used_saved_steps_are_kept(tmp_path):
-    from vitscope.device import prune_saved
+    from vitscope.compiled import prune_saved
 
     for age in range(6):
         file = tmp_path / f"{age}.bin"
@@ -219,7 +227,7 @@ def test_only_the_most_recently_used_saved_steps_are_kept(tmp_path):
 
 
 def test_what_a_compiled_step_depends_on_names_its_file():
-    from vitscope.device import precompiled_path
+    from vitscope.compiled import precompiled_path
 
     class Owner:
         def step(self, x):
@@ -242,8 +250,8 @@ def test_a_saved_step_is_never_loaded_under_other_custom_op_names(monkeypatch):
     """The saved graph calls the kernels' ops by their versioned names (cpu_kernels.VERSION, a digest that also
     covers kernels/*.h): a header changed alone once renamed the ops but loaded the old file, whose first call
     then failed with "no attribute 'attention_<old digest>'"."""
-    from vitscope import cpu_kernels
-    from vitscope.device import precompiled_path
+    import vitscope.compiled as compiled
+    from vitscope.compiled import precompiled_path
 
     class Owner:
         def step(self, x):
@@ -251,7 +259,7 @@ def test_a_saved_step_is_never_loaded_under_other_custom_op_names(monkeypatch):
 
     x = torch.zeros(4, 3)
     path = precompiled_path(Owner().step, "model A", (x,), {})
-    monkeypatch.setattr(cpu_kernels, "VERSION", "0" * 12)
+    monkeypatch.setattr(compiled, "kernel_ops_version", "0" * 12)
     assert precompiled_path(Owner().step, "model A", (x,), {}) != path
 
 
@@ -287,13 +295,13 @@ def test_a_graphed_step_is_captured_once_after_its_warmup_calls_and_replayed_for
 
     monkeypatch.setattr(step_module, "CapturedStep", ReplayedEagerly)
     recipe = TrainConfig(optimizer="muon", lr=3e-3, muon_lr=0.02, weight_decay=0.05, epochs=1, schedule="cosine",
-                         warmup_epochs=0.5, compile="off")
+                         warmup_epochs=0.5)
     plain_model, _, plain_losses, _ = run_steps(TINY, recipe, "eager", steps=8)
 
     torch.manual_seed(0)
-    model = build_model(TINY)
-    optimizer = make_optimizer(model, recipe)
-    step = WholeStep(model, optimizer, make_scheduler(optimizer, recipe, 8), recipe, TINY, CPU, "fp32")
+    model = build_model(TINY, EAGER)
+    optimizer = make_optimizer(model, recipe, EAGER)
+    step = WholeStep(model, optimizer, make_scheduler(optimizer, recipe, 8), recipe, EAGER, TINY, CPU, "fp32")
     step.compiled = Uncompiled(step.step)
     step.graph_wanted = True  # as on a CUDA device
     ReplayedEagerly.captures = 0
@@ -318,10 +326,10 @@ def test_a_graphed_step_whose_tensors_are_not_all_on_its_device_is_never_capture
     import vitscope.step as step_module
 
     monkeypatch.setattr(step_module, "CapturedStep", ReplayedEagerly)
-    recipe = TrainConfig(optimizer="adamw", lr=3e-3, epochs=1, compile="off")
-    model = build_model(TINY)
-    optimizer = make_optimizer(model, recipe)
-    step = WholeStep(model, optimizer, make_scheduler(optimizer, recipe, 8), recipe, TINY, CPU, "fp32")
+    recipe = TrainConfig(optimizer="adamw", lr=3e-3, epochs=1)
+    model = build_model(TINY, EAGER)
+    optimizer = make_optimizer(model, recipe, EAGER)
+    step = WholeStep(model, optimizer, make_scheduler(optimizer, recipe, 8), recipe, EAGER, TINY, CPU, "fp32")
     step.compiled = Uncompiled(step.step)
     step.graph_wanted = True
     on_the_host = optimizer.state_dict  # any object: a stand-in for a tensor the step keeps on the host
@@ -345,14 +353,14 @@ def test_the_tensors_a_graph_would_not_reach_are_those_on_another_device():
 def test_on_a_gpu_the_graphed_compiled_step_trains_as_the_compiled_one(optimizer):
     cuda = torch.device("cuda")
     recipe = TrainConfig(optimizer=optimizer, lr=3e-3, muon_lr=0.02, weight_decay=0.05, grad_clip=0.5, epochs=1,
-                         schedule="cosine", warmup_epochs=0.5, compile="on", save_compiled_step=False)
+                         schedule="cosine", warmup_epochs=0.5)
     runs = []
     for graph in (False, True):
         torch.manual_seed(0)
-        model = build_model(TINY).to(cuda)
-        opt = make_optimizer(model, recipe)
-        recipe_here = dataclasses.replace(recipe, cuda_graph=graph)
-        step = make_train_step(model, opt, make_scheduler(opt, recipe, 10), recipe_here, TINY, cuda, "bf16")
+        runtime = RuntimeConfig(compile="on", save_compiled_step=False, cuda_graph=graph)
+        model = build_model(TINY, runtime).to(cuda)
+        opt = make_optimizer(model, recipe, runtime)
+        step = make_train_step(model, opt, make_scheduler(opt, recipe, 10), recipe, runtime, TINY, cuda, "bf16")
         losses = torch.stack([step(images.to(cuda), labels.to(cuda))[0] for images, labels in batches(10)])
         runs.append((model, losses, step))
     (plain, plain_losses, _), (graphed, losses, step) = runs

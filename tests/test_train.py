@@ -7,19 +7,19 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_cli
-from vitscope.config import TrainConfig, ViTConfig, read_config_file, resolve_config
+from vitscope.config import RuntimeConfig, TrainConfig, ViTConfig, read_config_file, resolve_config
 from vitscope.errors import VitscopeError
 from vitscope.model import ViT
 from vitscope.step import loss_of
 from vitscope.train import lr_factor, parameter_groups, train
 
 TINY = ViTConfig(patch_size=7, dim=16, depth=1, heads=2, mlp_dim=32)
+FP32_CPU = RuntimeConfig(precision="fp32", device="cpu")
 
 
 def tiny_recipe(data_dir, **overrides):
     fields = dict(epochs=3, batch_size=32, lr=2e-3, optimizer="adamw", weight_decay=0.05, schedule="cosine",
-                  warmup_epochs=0.5, label_smoothing=0.1, augment_shift=2, dataset="idx", data_dir=str(data_dir),
-                  precision="fp32", device="cpu")
+                  warmup_epochs=0.5, label_smoothing=0.1, augment_shift=2, dataset="idx", data_dir=str(data_dir))
     return TrainConfig(**{**fields, **overrides})
 
 
@@ -65,8 +65,9 @@ def test_training_learns_and_eval_reports_it(idx_dir, tmp_path):
 def test_resumed_run_ends_with_bitwise_the_same_weights(idx_dir, tmp_path):
     model = ViTConfig(**{**TINY.__dict__, "dropout": 0.1})  # dropout draws from the global RNG too
     recipe = tiny_recipe(idx_dir)
-    straight = train(model, recipe, tmp_path / "straight", progress=False, log=quiet)
-    interrupted = train(model, recipe, tmp_path / "resumed", progress=False, stop_after_epoch=1, log=quiet)
+    straight = train(model, recipe, tmp_path / "straight", progress=False, log=quiet, runtime=FP32_CPU)
+    interrupted = train(model, recipe, tmp_path / "resumed", progress=False, stop_after_epoch=1, log=quiet,
+                        runtime=FP32_CPU)
     assert not interrupted.weights_file.exists() and len(interrupted.read_metrics()) == 1
     torch.manual_seed(12345)  # a resumed process starts from other RNG state: the checkpoint must restore it
     resumed = train(None, None, tmp_path / "resumed", resume=True, progress=False, log=quiet)
@@ -80,16 +81,16 @@ def test_resumed_run_ends_with_bitwise_the_same_weights(idx_dir, tmp_path):
 
 
 def test_different_seeds_give_different_weights(idx_dir, tmp_path):
-    a = train(TINY, tiny_recipe(idx_dir, epochs=1, seed=0), tmp_path / "a", progress=False, log=quiet)
-    b = train(TINY, tiny_recipe(idx_dir, epochs=1, seed=1), tmp_path / "b", progress=False, log=quiet)
+    a = train(TINY, tiny_recipe(idx_dir, epochs=1, seed=0), tmp_path / "a", progress=False, log=quiet, runtime=FP32_CPU)
+    b = train(TINY, tiny_recipe(idx_dir, epochs=1, seed=1), tmp_path / "b", progress=False, log=quiet, runtime=FP32_CPU)
     wa, wb = load_file(str(a.weights_file)), load_file(str(b.weights_file))
     assert not torch.equal(wa["head.weight"], wb["head.weight"])
 
 
 def test_a_finished_run_is_not_overwritten(idx_dir, tmp_path):
-    train(TINY, tiny_recipe(idx_dir, epochs=1), tmp_path / "run", progress=False, log=quiet)
+    train(TINY, tiny_recipe(idx_dir, epochs=1), tmp_path / "run", progress=False, log=quiet, runtime=FP32_CPU)
     with pytest.raises(VitscopeError, match="already holds a run"):
-        train(TINY, tiny_recipe(idx_dir, epochs=1), tmp_path / "run", progress=False, log=quiet)
+        train(TINY, tiny_recipe(idx_dir, epochs=1), tmp_path / "run", progress=False, log=quiet, runtime=FP32_CPU)
 
 
 def test_lr_schedule_warms_up_linearly_then_decays_by_cosine_to_zero():
@@ -125,7 +126,7 @@ def test_config_file_sets_fields_and_flags_override_it(tmp_path):
     (tmp_path / "c.toml").write_text('lr = 0.01\nepochs = 7\n[model]\ndim = 48\nheads = 6\n')
     (tmp_path / "c.json").write_text(json.dumps({"preset": "blog", "batch_size": 128}))
     overrides = read_config_file(tmp_path / "c.toml")
-    model, recipe = resolve_config("seed", {**overrides, "epochs": 2})
+    model, recipe, _ = resolve_config("seed", {**overrides, "epochs": 2})
     assert (model.dim, model.heads, recipe.lr, recipe.epochs) == (48, 6, 0.01, 2)
     assert read_config_file(tmp_path / "c.json") == {"preset": "blog", "batch_size": 128}
 
@@ -146,7 +147,7 @@ def test_bad_config_values_are_user_errors(overrides, message):
 def test_blog_recipe_file_in_the_repository_is_the_blogs_exact_recipe():
     from pathlib import Path
     fields = read_config_file(Path(__file__).parents[1] / "configs" / "seed-blog-recipe.toml")
-    model, recipe = resolve_config("seed", fields)
+    model, recipe, _ = resolve_config("seed", fields)
     assert (recipe.optimizer, recipe.lr, recipe.schedule, recipe.batch_size, recipe.epochs) == (
         "adam", 3e-4, "constant", 64, 20)
     assert recipe.weight_decay == 0 and recipe.label_smoothing == 0 and recipe.augment_shift == 0
@@ -156,9 +157,9 @@ def test_blog_recipe_file_in_the_repository_is_the_blogs_exact_recipe():
 def test_fast_preset_is_the_default_and_trains_with_muon(idx_dir, tmp_path):
     from vitscope.config import DEFAULT_PRESET
     assert DEFAULT_PRESET == "fast"
-    model, recipe = resolve_config("fast", {})
+    model, recipe, runtime = resolve_config("fast", {})
     assert (model.patch_size, model.dim, model.depth, model.heads, model.mlp_dim) == (7, 64, 4, 4, 256)
-    assert recipe.optimizer == "muon" and recipe.precision == "auto"
+    assert recipe.optimizer == "muon" and runtime.precision == "auto"
     run = tmp_path / "run"
     p = run_cli("train", "--dataset", "idx", "--data-dir", idx_dir, "--epochs", "2", "--out", run, "--no-progress")
     assert p.returncode == 0, p.stderr
@@ -171,23 +172,24 @@ def test_fast_preset_is_the_default_and_trains_with_muon(idx_dir, tmp_path):
 def test_compile_auto_compiles_long_runs_on_cpu_and_cuda_only():
     from vitscope.config import COMPILE_MIN_STEPS
     from vitscope.train import settle_compile
-    auto, cpu = TrainConfig(), torch.device("cpu")
+    auto, cpu = RuntimeConfig(), torch.device("cpu")
     assert auto.compile == "auto"
     assert settle_compile(auto, cpu, COMPILE_MIN_STEPS) == "on"
     assert settle_compile(auto, cpu, COMPILE_MIN_STEPS - 1) == "off"  # a short run: compiling would not pay
     assert settle_compile(auto, torch.device("cuda"), 10**5) == "on"
     assert settle_compile(auto, torch.device("mps"), 10**5) == "off"
-    assert settle_compile(TrainConfig(compile="on"), cpu, 1) == "on"
-    assert settle_compile(TrainConfig(compile="off"), cpu, 10**5) == "off"
+    assert settle_compile(RuntimeConfig(compile="on"), cpu, 1) == "on"
+    assert settle_compile(RuntimeConfig(compile="off"), cpu, 10**5) == "off"
     # true / false, as config files and runs from before "auto" have them, mean on / off
-    assert TrainConfig(compile=True).compile == "on" and TrainConfig(compile=False).compile == "off"
-    assert resolve_config("fast", {"compile": True})[1].compile == "on"
-    assert resolve_config("fast", {"compile": "off"})[1].compile == "off"
+    assert RuntimeConfig(compile=True).compile == "on" and RuntimeConfig(compile=False).compile == "off"
+    assert resolve_config("fast", {"compile": True})[2].compile == "on"
+    assert resolve_config("fast", {"compile": "off"})[2].compile == "off"
 
 
 def test_a_short_run_says_it_trains_eager_and_records_it(idx_dir, tmp_path):
     lines = []
-    run = train(TINY, tiny_recipe(idx_dir, epochs=1), tmp_path / "run", progress=False, log=lines.append)
+    run = train(TINY, tiny_recipe(idx_dir, epochs=1), tmp_path / "run", progress=False, log=lines.append,
+                runtime=FP32_CPU)
     assert any(line.startswith("model:") and line.endswith(", eager") for line in lines), lines
     assert json.loads(run.config_file.read_text())["compiled"] is False
 
@@ -203,7 +205,7 @@ def test_the_log_says_once_where_the_compiled_step_came_from(monkeypatch, idx_di
 
     monkeypatch.setattr(train_module, "make_train_step", described)
     lines = []
-    train(TINY, tiny_recipe(idx_dir, epochs=2), tmp_path / "run", progress=False, log=lines.append)
+    train(TINY, tiny_recipe(idx_dir, epochs=2), tmp_path / "run", progress=False, log=lines.append, runtime=FP32_CPU)
     assert lines.count("compiled step loaded (test)") == 1  # after the first epoch only
     assert lines.index("compiled step loaded (test)") < next(i for i, line in enumerate(lines)
                                                             if line.startswith("epoch   1/2"))
@@ -217,10 +219,11 @@ def test_a_run_whose_compile_failed_records_that_it_trained_uncompiled(monkeypat
 
     monkeypatch.setattr(torch, "compile", broken_compile)
     with pytest.warns(UserWarning, match="torch.compile failed"):
-        run = train(TINY, tiny_recipe(idx_dir, epochs=1, compile="on"), tmp_path / "run", progress=False, log=quiet)
+        run = train(TINY, tiny_recipe(idx_dir, epochs=1), tmp_path / "run", progress=False, log=quiet,
+                    runtime=RuntimeConfig(precision="fp32", device="cpu", compile="on"))
     record = json.loads(run.config_file.read_text())
     assert record["compiled"] is False and record["compile_failed"] is True
-    assert record["train"]["compile"] == "on"  # what was asked for stays in the recipe
+    assert record["runtime"]["compile"] == "on"  # what was asked for stays in the record
 
 
 @pytest.mark.parametrize("whole_step", [True, False])  # the whole step as one graph, or forward and loss
@@ -236,9 +239,9 @@ def test_a_failing_torch_compile_warns_and_trains_on_uncompiled(monkeypatch, opt
     monkeypatch.setattr(torch, "compile", broken_compile)
     torch.manual_seed(0)
     model = ViT(TINY)
-    recipe = TrainConfig(compile="on", lr=1e-3, optimizer=optimizer, compile_whole_step=whole_step)
-    optimizer = make_optimizer(model, recipe)
-    step = make_train_step(model, optimizer, make_scheduler(optimizer, recipe, 10), recipe, TINY,
+    recipe, runtime = TrainConfig(lr=1e-3, optimizer=optimizer), RuntimeConfig(compile="on", compile_whole_step=whole_step)
+    optimizer = make_optimizer(model, recipe, runtime)
+    step = make_train_step(model, optimizer, make_scheduler(optimizer, recipe, 10), recipe, runtime, TINY,
                            torch.device("cpu"), "fp32")
     images, labels = torch.randint(0, 256, (8, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (8,))
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -254,7 +257,8 @@ def test_a_failing_torch_compile_warns_and_trains_on_uncompiled(monkeypatch, opt
 def test_keep_freed_memory_is_a_field_that_turns_the_malloc_setting_off(monkeypatch, idx_dir, tmp_path, keep):
     import vitscope.train as train_module
     calls = []
-    monkeypatch.setattr(train_module, "keep_freed_memory", lambda: calls.append(1) or True)
-    recipe = dataclasses.replace(tiny_recipe(idx_dir, epochs=1), keep_freed_memory=keep)
-    train(TINY, recipe, tmp_path / "run", progress=False, log=lambda line: None)
+    import vitscope.process as process_module
+    monkeypatch.setattr(process_module, "keep_freed_memory", lambda: calls.append(1) or True)
+    train(TINY, tiny_recipe(idx_dir, epochs=1), tmp_path / "run", progress=False, log=lambda line: None,
+          runtime=dataclasses.replace(FP32_CPU, keep_freed_memory=keep))
     assert len(calls) == (1 if keep else 0)

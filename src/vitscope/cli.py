@@ -36,8 +36,9 @@ def cmd_train(args) -> int:
             raise VitscopeError("--resume needs --out RUN, the run directory to continue")
         train(None, None, args.out, resume=True, progress=progress, threads=args.threads)
         return 0
-    model_config, train_config = resolve_config(preset, overrides)
-    train(model_config, train_config, args.out or default_out(preset), preset=preset, progress=progress)
+    model_config, train_config, runtime = resolve_config(preset, overrides)
+    train(model_config, train_config, args.out or default_out(preset), preset=preset, progress=progress,
+          runtime=runtime)
     return 0
 
 
@@ -50,7 +51,8 @@ def cmd_eval(args) -> int:
 
     run = RunDir(args.run).require()
     device = select_device(args.device)
-    model, config = load_run(run.path, device)
+    # the run's own fast paths, so the figures agree with its training log's last evaluation
+    model, config = load_run(run.path, device, run.runtime_config())
     dataset = run.dataset(args.data_dir)
     precision = select_precision("fp32" if args.precision == "auto" else args.precision, device)
     if args.threads:

@@ -1,4 +1,5 @@
-"""Typed configuration: the model (`ViTConfig`), the training recipe (`TrainConfig`) and the presets.
+"""Typed configuration, split by meaning: the architecture (`ViTConfig`, what a checkpoint needs), the training
+recipe (`TrainConfig`) and how a run computes (`RuntimeConfig`); and the presets, one of each.
 
 Every speed or accuracy lever is a field, so an ablation is one flag or one line of a --config file.
 """
@@ -15,6 +16,8 @@ from .errors import VitscopeError
 
 @dataclass
 class ViTConfig:
+    """The architecture: everything a checkpoint needs to be read back, and nothing about how it was computed."""
+
     image_size: int = 28
     patch_size: int = 7
     in_channels: int = 1
@@ -25,27 +28,9 @@ class ViTConfig:
     mlp_dim: int = 128
     dropout: float = 0.0
     architecture: str = "vit"  # "vit" (the paper's) or "blog" (the seed blog's, quirks kept)
-    # "fused" = F.scaled_dot_product_attention, "explicit" = softmax(QK^T / sqrt(d)) V as three ops,
-    # "kernel" = vitscope's CPU kernel (cpu_attention.py; built on first use with the machine's C++ compiler),
-    # "auto" = fused on GPUs; on AVX-512 CPUs the kernel at head sizes up to 8 and at multiples of 16
-    # (model.kernel_is_faster), explicit otherwise: what measured fastest (benchmarks/RESULTS.md). Explicit
-    # wherever the kernel cannot be built.
-    attention: str = "auto"
     # Standard deviation of the position embeddings at initialisation. timm and the paper use 0.02; at 16
     # tokens a larger one lets the class token tell patches apart from the first step (fast preset: 1.0).
     pos_embed_std: float = 0.02
-    # The MLP's exact GELU in training: "aten" = F.gelu; "one-exp" = one exp shared by GELU and its slope
-    # (model.GELU: a cheaper backward); "kernel" = the same as vitscope's CPU kernel (cpu_gelu); "auto" = the
-    # kernel on AVX-512 CPUs for large inputs (model.GELU_KERNEL_MIN_ELEMENTS), one-exp on other CPUs and
-    # smaller inputs, F.gelu on GPUs. Evaluation and export: F.gelu.
-    gelu: str = "auto"
-    # Where the attention or GELU kernel runs, the qkv or fc1 layer before it is a plain matmul and the kernel
-    # adds that layer's bias (and sums its gradient): ATen's addmm would copy the bias into every row of its
-    # output and add the product to it, two more passes over the tensor. False: the layers add their biases.
-    bias_in_kernels: bool = True
-    # The head reads the class token alone, so the last block can skip the other tokens' outputs: the same
-    # logits for ~1/depth less work. Off, the last block computes every token, as other implementations do.
-    last_block_class_token_only: bool = True
     # How pixels in [0, 1] are normalised before the model sees them (part of the model's contract,
     # recorded so predict, serve and export feed it the same way).
     pixel_mean: float = 0.1307
@@ -56,10 +41,6 @@ class ViTConfig:
         return (self.image_size // self.patch_size) ** 2
 
     def validate(self) -> None:
-        if self.attention not in ("auto", "fused", "explicit", "kernel"):
-            raise VitscopeError(f"attention must be auto, fused, explicit or kernel, not {self.attention!r}")
-        if self.gelu not in ("auto", "aten", "one-exp", "kernel"):
-            raise VitscopeError(f"gelu must be auto, aten, one-exp or kernel, not {self.gelu!r}")
         if self.architecture not in ("vit", "blog"):
             raise VitscopeError(f"unknown architecture {self.architecture!r}: choose vit or blog")
         if self.image_size % self.patch_size:
@@ -70,6 +51,8 @@ class ViTConfig:
 
 @dataclass
 class TrainConfig:
+    """The training recipe: what the model learns from, and how."""
+
     epochs: int = 20
     batch_size: int = 64
     optimizer: str = "adamw"  # "adam", "adamw", or "muon" (Muon on the blocks' matrices, AdamW on the rest)
@@ -87,53 +70,73 @@ class TrainConfig:
     augment_stroke: float = 0.0  # strokes thinned (by <= 1 px) or thickened by up to this many px (0 = off)
     augment_close: int = 0  # random closing (dilate, then erode) by up to this many px: fills small holes
     grad_clip: float = 0.0  # 0 = off
-    # One fused Adam(W) kernel for all parameters (CPU and CUDA), where the optimizer's own step runs (eager
-    # runs, or compile_whole_step = false; the whole compiled step fuses the update itself).
-    fused_optimizer: bool = True
     seed: int = 0
     dataset: str = "mnist"  # "mnist" or "idx"
     data_dir: str | None = None
     max_train_samples: int | None = None
+
+    def validate(self) -> None:
+        _check_choices(self, {"optimizer": ("adam", "adamw", "muon"), "schedule": ("constant", "cosine"),
+                              "dataset": ("mnist", "idx")})
+        if self.epochs < 1 or self.batch_size < 1:
+            raise VitscopeError("epochs and batch_size must be at least 1")
+        if self.dataset == "idx" and not self.data_dir:
+            raise VitscopeError("--dataset idx needs --data-dir DIR holding the IDX files")
+
+
+@dataclass
+class RuntimeConfig:
+    """How a run computes: where, in which precision, compiled or not, through which kernels. None of it changes
+    what the model learns beyond rounding; every speed lever is a field, so an ablation is one flag."""
+
     device: str = "auto"  # auto, cpu, cuda, mps
-    precision: str = "auto"  # auto, fp32, bf16
+    precision: str = "auto"  # auto (bf16 only where the device computes it natively), fp32, bf16
     threads: int | None = None  # torch intra-op threads; None = torch's default
-    # torch.compile the training step (see compile_whole_step): "on", "off", or "auto" = on where it pays, for
-    # runs of at least COMPILE_MIN_STEPS steps on a CPU or CUDA device (compiling costs ~70 s cold on a 2-core
-    # CPU, ~1 s to load a saved step, ~4 s to trace one with a warm cache; a compiled `fast` step is ~1.3x
-    # faster). true / false: on / off.
+    # torch.compile the training step: "on", "off", or "auto" = on for runs of at least COMPILE_MIN_STEPS steps
+    # on a CPU or CUDA device, where compiling pays back (docs/performance.md#compiling). true / false: on / off.
     compile: str | bool = "auto"
-    # With compile on: forward, backward, clipping and the optimizer's update as one graph (vitscope.step.
-    # WholeStep), no autograd engine or optimizer loop in Python: ~1.2x faster at the `seed` preset's batch of
-    # 64 (benchmarks/RESULTS.md). False: forward and loss compiled, backward and the update eager.
+    # With compile on: forward, backward, clipping and the optimizer's update as one graph (step.WholeStep).
+    # False: forward and loss compiled, backward and the update eager.
     compile_whole_step: bool = True
-    # With the whole step compiled: keep it on disk, beside torch's compile cache, and load it in later processes
-    # (device.precompiled): ~3 s less per `fast` process than tracing it again. False: trace in every process.
+    # With the whole step compiled: keep it on disk and load it in later processes instead of tracing it again
+    # (compiled.precompiled).
     save_compiled_step: bool = True
-    # With the whole step compiled, on a CUDA GPU: record it as a CUDA graph after its first calls and replay
-    # that for every later step (vitscope.step.CapturedStep): one launch per step instead of one per kernel. Off
-    # until it has been run on a GPU: its tests there (tests/test_step.py) and benchmarks/gpu_check.sh are ready.
+    # With the whole step compiled, on a CUDA GPU: replay it as a CUDA graph (step.CapturedStep). Off until it
+    # has been measured on a GPU (benchmarks/gpu_check.sh).
     cuda_graph: bool = False
+    # One fused Adam(W) kernel for all parameters, where the optimizer's own step runs (eager runs, or
+    # compile_whole_step = false; the whole compiled step fuses the update itself).
+    fused_optimizer: bool = True
+    # glibc's malloc keeps freed memory for the next step instead of returning it to the OS
+    # (process.keep_freed_memory): no page faults per step.
+    keep_freed_memory: bool = True
     eval_batch_size: int = 1000
     tensorboard: bool = False
-    # glibc's malloc keeps freed memory for the next step instead of returning it to the OS (device.
-    # keep_freed_memory): no page faults per step (800-5,000 per `fast` step before, benchmarks/malloc_pages.py).
-    keep_freed_memory: bool = True
+    # The CPU fast paths of fastpath.py, each one switch. Attention: "auto" (what measured fastest on this
+    # device), "fused" (F.scaled_dot_product_attention), "explicit" (softmax(QK^T * scale) V as three ops) or
+    # "kernel" (vitscope's CPU kernel).
+    attention: str = "auto"
+    # The MLP's GELU in training: "auto", "aten" (F.gelu), "one-exp" (one exp for GELU and its slope), "kernel".
+    gelu: str = "auto"
+    # Where a kernel runs, the layer before it is a plain matmul and the kernel adds that layer's bias.
+    bias_in_kernels: bool = True
+    # The last block computes the class token's output alone: the head reads nothing else.
+    last_block_class_token_only: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.compile, bool):  # config files and runs from before "auto" say true / false
             self.compile = "on" if self.compile else "off"
 
     def validate(self) -> None:
-        choices = {"optimizer": ("adam", "adamw", "muon"), "schedule": ("constant", "cosine"),
-                   "dataset": ("mnist", "idx"), "device": ("auto", "cpu", "cuda", "mps"),
-                   "precision": ("auto", "fp32", "bf16"), "compile": ("auto", "on", "off")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise VitscopeError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise VitscopeError("epochs and batch_size must be at least 1")
-        if self.dataset == "idx" and not self.data_dir:
-            raise VitscopeError("--dataset idx needs --data-dir DIR holding the IDX files")
+        _check_choices(self, {"device": ("auto", "cpu", "cuda", "mps"), "precision": ("auto", "fp32", "bf16"),
+                              "compile": ("auto", "on", "off"), "attention": ("auto", "fused", "explicit", "kernel"),
+                              "gelu": ("auto", "aten", "one-exp", "kernel")})
+
+
+def _check_choices(config, choices: dict[str, tuple[str, ...]]) -> None:
+    for name, allowed in choices.items():
+        if getattr(config, name) not in allowed:
+            raise VitscopeError(f"{name} must be one of {', '.join(allowed)}, not {getattr(config, name)!r}")
 
 
 @dataclass
@@ -142,8 +145,11 @@ class Preset:
     description: str
     model: ViTConfig = field(default_factory=ViTConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
+# `seed` and `blog` pin fp32: at 32-wide matrices a step is bound by per-op overhead, and bf16 autocast only adds
+# casts (docs/performance.md#precision).
 PRESETS = {
     preset.name: preset for preset in [
         Preset(
@@ -152,8 +158,8 @@ PRESETS = {
             "as a faithful ViT, with AdamW, warmup + cosine decay, label smoothing and shift augmentation",
             ViTConfig(),
             TrainConfig(epochs=20, batch_size=64, optimizer="adamw", lr=2e-3, weight_decay=0.05,
-                        schedule="cosine", warmup_epochs=1.0, label_smoothing=0.1, augment_shift=2,
-                        precision="fp32"),
+                        schedule="cosine", warmup_epochs=1.0, label_smoothing=0.1, augment_shift=2),
+            RuntimeConfig(precision="fp32"),
         ),
         Preset(
             "fast",
@@ -164,21 +170,22 @@ PRESETS = {
             ViTConfig(patch_size=7, dim=64, depth=4, heads=4, mlp_dim=256, pos_embed_std=1.0),
             TrainConfig(epochs=5, batch_size=256, optimizer="muon", lr=3e-3, muon_lr=8e-3, weight_decay=0.05,
                         schedule="cosine", warmup_epochs=0.1, label_smoothing=0.1, augment_shift=1,
-                        augment_rotate=12.0, augment_scale=0.15, precision="auto"),
+                        augment_rotate=12.0, augment_scale=0.15),
+            RuntimeConfig(precision="auto"),
         ),
         Preset(
             "blog",
             "the seed blog's model and recipe exactly, quirks kept (Adam 3e-4, batch 64, 20 epochs)",
             ViTConfig(architecture="blog", pixel_mean=0.5, pixel_std=0.5),
             TrainConfig(epochs=20, batch_size=64, optimizer="adam", lr=3e-4, schedule="constant",
-                        softmax_before_loss=True, precision="fp32"),
+                        softmax_before_loss=True),
+            RuntimeConfig(precision="fp32"),
         ),
     ]
 }
 DEFAULT_PRESET = "fast"
 COMPILE_MIN_STEPS = 500  # compile = "auto" compiles runs of at least this many steps
-# `seed` and `blog` pin fp32: at 32-wide matrices a step is bound by per-op overhead, and bf16 autocast only
-# adds casts (measured on a Zen 4 with native bf16: 16.0 s per seed epoch in bf16, 10.0 s in fp32).
+SECTIONS = {"model": ViTConfig, "train": TrainConfig, "runtime": RuntimeConfig}  # config.json's, in this order
 
 
 def field_names(cls) -> set[str]:
@@ -186,7 +193,7 @@ def field_names(cls) -> set[str]:
 
 
 def read_config_file(path: str | Path) -> dict:
-    """A JSON or TOML file of config fields, flat or in [model] / [train] tables."""
+    """A JSON or TOML file of config fields, flat or in [model] / [train] / [runtime] tables."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -200,31 +207,43 @@ def read_config_file(path: str | Path) -> dict:
         raise VitscopeError(f"config file {path} must hold a table of fields")
     flat = {}
     for key, value in data.items():
-        if key in ("model", "train") and isinstance(value, dict):
+        if key in SECTIONS and isinstance(value, dict):
             flat.update(value)
         else:
             flat[key] = value
     return flat
 
 
-def resolve_config(preset: str, overrides: dict) -> tuple[ViTConfig, TrainConfig]:
+def resolve_config(preset: str, overrides: dict) -> tuple[ViTConfig, TrainConfig, RuntimeConfig]:
     """Start from a preset, then apply overrides (from a config file, then flags) by field name."""
     if preset not in PRESETS:
         raise VitscopeError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    model = dataclasses.replace(PRESETS[preset].model)
-    train = dataclasses.replace(PRESETS[preset].train)
-    model_fields, train_fields = field_names(ViTConfig), field_names(TrainConfig)
+    configs = {name: dataclasses.replace(getattr(PRESETS[preset], name)) for name in SECTIONS}
+    owner = {key: name for name, cls in SECTIONS.items() for key in field_names(cls)}
     for key, value in overrides.items():
-        if key in model_fields:
-            setattr(model, key, _coerce(ViTConfig, key, value))
-        elif key in train_fields:
-            setattr(train, key, _coerce(TrainConfig, key, value))
-        else:
+        if key not in owner:
             raise VitscopeError(f"unknown config field {key!r}")
-    train = dataclasses.replace(train)  # re-runs __post_init__ on the overridden fields (compile = true -> "on")
+        setattr(configs[owner[key]], key, _coerce(SECTIONS[owner[key]], key, value))
+    model, train, runtime = (dataclasses.replace(config) for config in configs.values())  # re-runs __post_init__
     model.validate()
     train.validate()
-    return model, train
+    runtime.validate()
+    return model, train, runtime
+
+
+def configs_from_record(record: dict) -> tuple[ViTConfig, TrainConfig, RuntimeConfig]:
+    """The three configs of a run's config.json. Keys this version does not know are ignored (newer runs); a
+    record from before the runtime section took its runtime fields from the model and train sections."""
+    sections = {name: record.get(name) or {} for name in SECTIONS}
+    if "runtime" not in record:
+        sections["runtime"] = {**sections["train"], **sections["model"]}
+    return tuple(from_dict(cls, sections[name]) for name, cls in SECTIONS.items())
+
+
+def from_dict(cls, values: dict):
+    """A config dataclass from a dict, ignoring keys this version does not know."""
+    known = field_names(cls)
+    return cls(**{k: v for k, v in values.items() if k in known})
 
 
 _TYPE_CHECKS = {

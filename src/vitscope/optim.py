@@ -21,7 +21,7 @@ from collections import defaultdict
 
 import torch
 
-from .device import CompiledOrEager
+from .compiled import CompiledOrEager
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 

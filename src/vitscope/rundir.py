@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import TrainConfig, ViTConfig, field_names
+from .config import RuntimeConfig, TrainConfig, ViTConfig, configs_from_record
 from .data import load_dataset
 from .errors import VitscopeError
 from .huggingface import is_hf_directory, load_hf_directory
@@ -55,11 +55,18 @@ class RunDir:
         except (OSError, ValueError) as e:
             raise VitscopeError(f"cannot read {self.config_file}: {e}") from None
 
+    def configs(self) -> tuple[ViTConfig, TrainConfig, RuntimeConfig]:
+        """The run's architecture, recipe and runtime settings (config.json of any vitscope version)."""
+        return configs_from_record(self.read_config())
+
     def model_config(self) -> ViTConfig:
-        return config_from_dict(ViTConfig, self.read_config()["model"])
+        return self.configs()[0]
 
     def train_config(self) -> TrainConfig:
-        return config_from_dict(TrainConfig, self.read_config()["train"])
+        return self.configs()[1]
+
+    def runtime_config(self) -> RuntimeConfig:
+        return self.configs()[2]
 
     def dataset(self, data_dir: str | None = None):
         """The run's dataset, found again from config.json: MNIST through its sources (cache first, or
@@ -113,19 +120,14 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def config_from_dict(cls, values: dict):
-    """A config dataclass from a dict, ignoring keys this version does not know (newer runs)."""
-    known = field_names(cls)
-    return cls(**{k: v for k, v in values.items() if k in known})
-
-
 def config_to_dict(config) -> dict:
     return dataclasses.asdict(config)
 
 
-def load_run(path: str | Path, device: str | torch.device = "cpu"):
+def load_run(path: str | Path, device: str | torch.device = "cpu", runtime: RuntimeConfig | None = None):
     """(model in eval mode, ViTConfig) from a run directory's config.json and model.safetensors, or from a
-    Hugging Face ViTForImageClassification directory (`vitscope export --format hf` writes one).
+    Hugging Face ViTForImageClassification directory (`vitscope export --format hf` writes one). The model is
+    the plain one of model.py, or with `runtime` computed through the fast paths it asks for.
     Weights are read only from safetensors: a pickle someone sent could run code when loaded."""
     if Path(path).is_file():
         raise VitscopeError(f"{path} is a file; give the run directory or Hugging Face directory holding "
@@ -133,11 +135,15 @@ def load_run(path: str | Path, device: str | torch.device = "cpu"):
     run = RunDir(path).require()
     if is_hf_directory(run.path):
         model, config = load_hf_directory(run.path)
+        if runtime is not None:
+            from .fastpath import accelerate
+
+            accelerate(model, runtime)
         return model.to(device).eval(), config
     config = run.model_config()
     if not run.weights_file.is_file():
         raise VitscopeError(f"{run.path} has no model.safetensors yet (is its training finished?)")
-    model = build_model(config)
+    model = build_model(config, runtime)
     try:
         model.load_state_dict(load_file(str(run.weights_file)))
     except Exception as e:

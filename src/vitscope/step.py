@@ -2,13 +2,12 @@
 detached loss and the number of correct predictions out, as tensors, so the loop never waits on the device.
 
 It comes in two forms with the same arithmetic, chosen by `make_train_step`:
-- `WholeStep` (compile on and `TrainConfig.compile_whole_step`): the gradients by `torch.func.grad`, the
+- `WholeStep` (compile on and `RuntimeConfig.compile_whole_step`): the gradients by `torch.func.grad`, the
   clipping and the optimizer's update traced into one compiled graph. No autograd engine, no optimizer loop in
-  Python, one call per step: at the `seed` preset's batch of 64, where a step is a few ms of small matmuls,
-  that is ~1.2x faster than the form below (benchmarks/RESULTS.md). With `TrainConfig.save_compiled_step`
-  the compiled step is kept on disk and later processes load it instead of tracing it again
-  (`device.precompiled`: ~1 s instead of ~4 s for the `fast` preset's first step).
-  With `TrainConfig.cuda_graph`, on a CUDA GPU, the compiled step is then recorded as a CUDA graph after its
+  Python, one call per step: where a step is a few ms of small matmuls that is much of its time
+  (docs/performance.md#whole-step). With `RuntimeConfig.save_compiled_step` the compiled step is kept on disk
+  and later processes load it instead of tracing it again (`compiled.precompiled`).
+  With `RuntimeConfig.cuda_graph`, on a CUDA GPU, the compiled step is then recorded as a CUDA graph after its
   first calls (`CapturedStep`), and each later step is one replay of it instead of a launch from the host per
   kernel, for a model this small many short ones. Off by default until it has been measured on a GPU.
 - the usual one: forward and loss compiled as one graph (or eager), then autograd's backward, clipping and
@@ -22,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils._pytree import tree_leaves
 
-from .config import TrainConfig, ViTConfig
+from .compiled import CompiledOrEager, avoid_known_compiler_bugs, error_summary
+from .config import RuntimeConfig, TrainConfig, ViTConfig
 from .data import normalize
-from .device import CompiledOrEager, autocast, avoid_known_compiler_bugs, error_summary
+from .device import autocast
 from .optim import TensorUpdate
 
 
@@ -35,23 +35,24 @@ def loss_of(logits: torch.Tensor, labels: torch.Tensor, config: TrainConfig) -> 
 
 
 def make_train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, config: TrainConfig,
-                    model_config: ViTConfig, device: torch.device, precision: str):
+                    runtime: RuntimeConfig, model_config: ViTConfig, device: torch.device, precision: str):
     """One optimisation step on a batch of uint8 images (B, H, W) and labels (B,): normalise, forward, loss,
-    backward, clip, the optimizer's update, the scheduler's step. With `config.compile` "on" (`train` settles
-    "auto" first) compiled: the whole step as one graph where `config.compile_whole_step` and the optimizer
+    backward, clip, the optimizer's update, the scheduler's step. With `runtime.compile` "on" (`train` settles
+    "auto" first) compiled: the whole step as one graph where `runtime.compile_whole_step` and the optimizer
     allow (`WholeStep`), else forward and loss as one graph (and Muon's update, compiled by `make_optimizer`).
     benchmarks/throughput.py times this very function."""
-    if config.compile == "on":
+    compiled = runtime.compile == "on"
+    if compiled:
         avoid_known_compiler_bugs(device)
-    if config.compile == "on" and config.compile_whole_step and TensorUpdate.supports(optimizer):
-        return WholeStep(model, optimizer, scheduler, config, model_config, device, precision)
+    if compiled and runtime.compile_whole_step and TensorUpdate.supports(optimizer):
+        return WholeStep(model, optimizer, scheduler, config, runtime, model_config, device, precision)
     mean, std = model_config.pixel_mean, model_config.pixel_std
 
     def forward(images: torch.Tensor, labels: torch.Tensor):
         logits = model(normalize(images, mean, std))
         return loss_of(logits.float(), labels, config), (logits.argmax(1) == labels).sum()
 
-    forward_and_loss = CompiledOrEager(forward) if config.compile == "on" else forward
+    forward_and_loss = CompiledOrEager(forward) if compiled else forward
 
     def train_step(images: torch.Tensor, labels: torch.Tensor):
         # Autocast around the compiled call, not in it: a graph that enters autocast itself is never taken
@@ -66,7 +67,7 @@ def make_train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sc
         scheduler.step()
         return loss.detach(), hits
 
-    train_step.compiled = forward_and_loss if config.compile == "on" else None
+    train_step.compiled = forward_and_loss if compiled else None
     return train_step
 
 
@@ -80,26 +81,26 @@ class WholeStep:
     If torch.compile fails, the same function runs eagerly (`CompiledOrEager`).
 
     Autocast is entered around the compiled call, as in the usual form: AOTAutograd's cache (torch 2.13)
-    refuses a graph that enters autocast itself, and every process would trace the step anew (~18 s more
-    per `fast` process). So under bf16 autocast the update's matmuls (Muon's Newton-Schulz iterations) run
+    refuses a graph that enters autocast itself, and every process would trace the step anew. So under bf16 autocast the update's matmuls (Muon's Newton-Schulz iterations) run
     in bf16 too, as Jordan's reference Muon runs them; the moments and the parameters stay fp32."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, config: TrainConfig,
-                 model_config: ViTConfig, device: torch.device, precision: str):
+                 runtime: RuntimeConfig, model_config: ViTConfig, device: torch.device, precision: str):
         self.model, self.optimizer, self.scheduler, self.config = model, optimizer, scheduler, config
         self.device, self.precision = device, precision
         self.mean, self.std = model_config.pixel_mean, model_config.pixel_std
         named = list(model.named_parameters())
         self.names, self.params = [name for name, _ in named], [p for _, p in named]
         self.update = TensorUpdate(optimizer, self.params)
-        # What the compiled code reads from `self`, for the file of a saved step (device.precompiled): the model's
-        # class and its own config (`model_config` is the caller's word for it, and supplies the normalisation).
+        # What the compiled code reads from `self`, for the file of a saved step (compiled.precompiled): the model's
+        # classes and its own config (`model_config` is the caller's word for it, and supplies the normalisation),
+        # and the fast paths its modules take.
         reads = repr((type(model).__qualname__, getattr(model, "config", None), model_config, config.grad_clip,
-                      config.label_smoothing, config.softmax_before_loss))
-        self.compiled = CompiledOrEager(self.step, saved_as=reads if config.save_compiled_step else None,
+                      config.label_smoothing, config.softmax_before_loss, fast_paths(model)))
+        self.compiled = CompiledOrEager(self.step, saved_as=reads if runtime.save_compiled_step else None,
                                         fingerprint=self.fingerprint)
         # CUDA graph: wanted on a CUDA device; `graph` once captured; `graph_note` says what happened, for the log.
-        self.graph_wanted = config.cuda_graph and device.type == "cuda"
+        self.graph_wanted = runtime.cuda_graph and device.type == "cuda"
         self.graph, self.graph_note, self.calls = None, None, 0
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor):
@@ -142,7 +143,7 @@ class WholeStep:
         """What the compiled step's guards check that could change from one call to the next: the mode and
         global state, the batch's shape, strides, dtype and device, every parameter's too, the state tensors'
         shapes and identities (`load_state_dict` replaces them) and the optimizer's settings. A loaded step
-        checks its guards again only when this changes (`device.GuardedOnChange`)."""
+        checks its guards again only when this changes (`compiled.GuardedOnChange`)."""
         parts = [self.model.training, torch.is_grad_enabled(), torch.is_autocast_enabled(self.device.type),
                  torch.get_autocast_dtype(self.device.type)]
         parts += [(t.shape, t.stride(), t.dtype, t.device, t.requires_grad) for t in (*params, images, labels)]
@@ -169,6 +170,14 @@ class WholeStep:
                                             (normalize(images, self.mean, self.std),))
         loss = loss_of(logits.float(), labels, self.config)
         return loss, (loss.detach(), (logits.argmax(1) == labels).sum())
+
+
+def fast_paths(model: torch.nn.Module) -> list:
+    """Each module's class and fast-path settings (fastpath.accelerate): what its compiled code depends on beyond
+    the model's config."""
+    settings = ("implementation", "kernel", "bias_in_kernel")
+    return [(name, type(module).__qualname__, *(getattr(module, s, None) for s in settings))
+            for name, module in model.named_modules() if any(hasattr(module, s) for s in settings)]
 
 
 GRAPH_WARMUP_CALLS = 3  # compiled calls before the capture: compilation, cuBLAS's handles and workspaces

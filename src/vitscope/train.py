@@ -14,14 +14,16 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .config import COMPILE_MIN_STEPS, TrainConfig, ViTConfig
+from .config import COMPILE_MIN_STEPS, RuntimeConfig, TrainConfig, ViTConfig
 from .data import Dataset, load_dataset, random_close, random_rotate_scale, random_shift, random_stroke
-from .device import describe_hardware, keep_freed_memory, select_device, select_precision
+from .device import describe_hardware, select_device, select_precision
 from .errors import VitscopeError
 from .evaluate import evaluate
-from .model import build_model, count_parameters, executed_flops_per_image, flops_per_image
+from .fastpath import executed_flops_per_image
+from .model import build_model, count_parameters, flops_per_image
 from .optim import MuonAdamW
 from .plots import plot_training_curves
+from .process import configure
 from .rundir import RunDir, config_to_dict
 from .step import make_train_step
 
@@ -47,15 +49,16 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float, muon_lr: float
     return [group for group in groups if group["params"]]
 
 
-def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    if config.optimizer == "muon":  # its update is compiled with the model's step (compile = "on")
+def make_optimizer(model: torch.nn.Module, config: TrainConfig, runtime: RuntimeConfig) -> torch.optim.Optimizer:
+    """The recipe's optimizer; `runtime.compile` (settled to "on" or "off") compiles Muon's update."""
+    if config.optimizer == "muon":
         return MuonAdamW(parameter_groups(model, config.weight_decay, config.muon_lr), lr=config.lr,
-                         betas=(0.9, config.beta2), compile=config.compile == "on")
+                         betas=(0.9, config.beta2), compile=runtime.compile == "on")
     groups = parameter_groups(model, config.weight_decay)
     # The fused kernel updates every parameter in one call: at 40k parameters in ~40 tensors the per-tensor
     # loop of the default implementation is a tenth of a training step on a CPU.
     device = next(model.parameters()).device.type
-    fused = config.fused_optimizer and device in ("cpu", "cuda")
+    fused = runtime.fused_optimizer and device in ("cpu", "cuda")
     optimizer = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
     return optimizer(groups, lr=config.lr, betas=(0.9, config.beta2), fused=fused or None)
 
@@ -77,11 +80,11 @@ def make_scheduler(optimizer, config: TrainConfig, steps_per_epoch: int):
         optimizer, lambda step: lr_factor(step, total, warmup, config.schedule))
 
 
-def settle_compile(config: TrainConfig, device: torch.device, steps: int) -> str:
+def settle_compile(runtime: RuntimeConfig, device: torch.device, steps: int) -> str:
     """"on" or "off": compile = "auto" compiles where it pays, runs of COMPILE_MIN_STEPS steps or more on a
     CPU or CUDA device (torch.compile's MPS backend is still experimental)."""
-    if config.compile != "auto":
-        return config.compile
+    if runtime.compile != "auto":
+        return runtime.compile
     return "on" if steps >= COMPILE_MIN_STEPS and device.type in ("cpu", "cuda") else "off"
 
 
@@ -91,19 +94,20 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
-def run_record(preset: str, model_config: ViTConfig, train_config: TrainConfig, dataset: Dataset,
-               device: torch.device, precision: str, model: torch.nn.Module, compiled: bool = False) -> dict:
+def run_record(preset: str, model_config: ViTConfig, train_config: TrainConfig, runtime: RuntimeConfig,
+               dataset: Dataset, device: torch.device, precision: str, model: torch.nn.Module,
+               compiled: bool = False) -> dict:
     import safetensors
     hardware = describe_hardware(device)
     return {
         "vitscope_version": __version__, "preset": preset,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seed": train_config.seed, "model": config_to_dict(model_config), "train": config_to_dict(train_config),
-        "dataset": dataset.describe(), "precision": precision, "compiled": compiled, "hardware": hardware,
+        "runtime": config_to_dict(runtime), "dataset": dataset.describe(), "precision": precision, "compiled": compiled, "hardware": hardware,
         "versions": {"vitscope": __version__, "torch": torch.__version__, "numpy": np.__version__,
                      "safetensors": safetensors.__version__, "python": hardware["python"]},
         "parameters": count_parameters(model), "flops_per_image": flops_per_image(model_config),
-        "flops_per_image_executed": executed_flops_per_image(model_config),
+        "flops_per_image_executed": executed_flops_per_image(model_config, runtime),
     }
 
 
@@ -134,27 +138,26 @@ class TensorBoard:
 
 def train(model_config: ViTConfig | None, train_config: TrainConfig | None, out: str | Path, preset: str = "custom",
           resume: bool = False, progress: bool = True, stop_after_epoch: int | None = None,
-          threads: int | None = None, log=print) -> RunDir:
+          threads: int | None = None, log=print, runtime: RuntimeConfig | None = None) -> RunDir:
     """Train and write a run directory at `out`; with `resume`, continue the run there from its checkpoint
-    (its own config.json rules; `threads` may still change). `stop_after_epoch` ends this call early, as an
-    interruption would, leaving a resumable checkpoint."""
+    (its own config.json rules; `threads` may still change). `runtime` defaults to RuntimeConfig().
+    `stop_after_epoch` ends this call early, as an interruption would, leaving a resumable checkpoint."""
     run = RunDir(out)
     if resume:
-        record = run.read_config()
-        model_config, train_config, preset = run.model_config(), run.train_config(), record.get("preset", preset)
+        model_config, train_config, runtime = run.configs()
+        preset = run.read_config().get("preset", preset)
         checkpoint = run.load_checkpoint()
     else:
         if run.exists():
             raise VitscopeError(f"{run.path} already holds a run: pass --resume to continue it, or choose another --out")
         checkpoint = None
+    runtime = runtime or RuntimeConfig()
     model_config.validate()
     train_config.validate()
-    if threads or train_config.threads:
-        torch.set_num_threads(threads or train_config.threads)
-    if train_config.keep_freed_memory:
-        keep_freed_memory()
-    device = select_device(train_config.device)
-    precision = select_precision(train_config.precision, device)
+    runtime.validate()
+    configure(runtime, threads)
+    device = select_device(runtime.device)
+    precision = select_precision(runtime.precision, device)
 
     dataset = load_dataset(train_config.dataset, train_config.data_dir, train_config.max_train_samples)
     # Image size and class count come from the data (an IDX set may be 32x32 with 26 classes).
@@ -167,12 +170,12 @@ def train(model_config: ViTConfig | None, train_config: TrainConfig | None, out:
     batch_size = min(train_config.batch_size, n_train)
     steps_per_epoch = n_train // batch_size  # the last partial batch is dropped: every step has one shape
     start_epoch = checkpoint["epoch"] if checkpoint is not None else 0
-    compile_setting = settle_compile(train_config, device, steps_per_epoch * (train_config.epochs - start_epoch))
-    step_config = dataclasses.replace(train_config, compile=compile_setting)  # "auto" settled
+    compile_setting = settle_compile(runtime, device, steps_per_epoch * (train_config.epochs - start_epoch))
+    step_runtime = dataclasses.replace(runtime, compile=compile_setting)  # "auto" settled
 
     torch.manual_seed(train_config.seed)
-    model = build_model(model_config).to(device)
-    optimizer = make_optimizer(model, step_config)
+    model = build_model(model_config, runtime).to(device)
+    optimizer = make_optimizer(model, train_config, step_runtime)
     scheduler = make_scheduler(optimizer, train_config, steps_per_epoch)
     history: list[dict] = []
     if checkpoint is not None:
@@ -185,7 +188,7 @@ def train(model_config: ViTConfig | None, train_config: TrainConfig | None, out:
         history = checkpoint["history"]
         log(f"resuming {run.path} after epoch {start_epoch} of {train_config.epochs}")
     else:
-        run.write_config(run_record(preset, model_config, train_config, dataset, device, precision, model,
+        run.write_config(run_record(preset, model_config, train_config, runtime, dataset, device, precision, model,
                                     compiled=compile_setting == "on"))
     run.write_metrics(history)
     log(f"model: {model_config.architecture} ViT, {count_parameters(model):,} parameters, "
@@ -196,9 +199,10 @@ def train(model_config: ViTConfig | None, train_config: TrainConfig | None, out:
     train_images = dataset.train_images.to(device)
     train_labels = dataset.train_labels.to(device)
     test_images, test_labels = dataset.test_images.to(device), dataset.test_labels
-    train_step = make_train_step(model, optimizer, scheduler, step_config, model_config, device, precision)
+    train_step = make_train_step(model, optimizer, scheduler, train_config, step_runtime, model_config, device,
+                                 precision)
 
-    tensorboard = TensorBoard(run.path / "tensorboard" if train_config.tensorboard else None)
+    tensorboard = TensorBoard(run.path / "tensorboard" if runtime.tensorboard else None)
     epochs = train_config.epochs
     for epoch in range(start_epoch, epochs):
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
@@ -243,7 +247,7 @@ def train(model_config: ViTConfig | None, train_config: TrainConfig | None, out:
         # an evaluation on a CPU with native bf16, and the curve moves by ~0.01%).
         final = epoch + 1 == epochs
         result = evaluate(model, test_images, test_labels, model_config.pixel_mean, model_config.pixel_std,
-                          train_config.eval_batch_size, device, "fp32" if final else precision)
+                          runtime.eval_batch_size, device, "fp32" if final else precision)
         seen = steps_per_epoch * batch_size
         row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / steps_per_epoch, "train_acc": correct.item() / seen,
                "test_loss": result["test_loss"], "test_acc": result["test_acc"], "lr": lr,
