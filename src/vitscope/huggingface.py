@@ -35,6 +35,7 @@ DEFAULT_IMAGE_MEAN = DEFAULT_IMAGE_STD = 0.5
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 # config.json key marking a grayscale vitscope model spread over RGB (value: LUMA_WEIGHTS), for the loader to fold.
 GRAYSCALE_KEY = "vitscope_grayscale_weights"
+PATCH_FILTERS = "vit.embeddings.patch_embeddings.projection.weight"  # (D, C, P, P)
 
 
 def is_hf_directory(path: str | Path) -> bool:
@@ -43,9 +44,6 @@ def is_hf_directory(path: str | Path) -> bool:
         return json.loads((Path(path) / "config.json").read_text()).get("model_type") == "vit"
     except (OSError, ValueError, AttributeError):
         return False
-
-
-PATCH_FILTERS = "vit.embeddings.patch_embeddings.projection.weight"
 
 
 def weight_names(depth: int) -> dict[str, str]:
