@@ -13,14 +13,16 @@ import onnxruntime
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file
+from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from conftest import run_cli, synthetic_digits, write_idx_dataset
 from vitscope import cli, load_run
 from vitscope.config import RuntimeConfig, TrainConfig, ViTConfig
 from vitscope.errors import VitscopeError
-from vitscope.export import export_onnx
-from vitscope.huggingface import save_hf_directory, vit_config_from_hf
+from vitscope.export import export_onnx, export_run
+from vitscope.huggingface import hf_config as hf_config_record
+from vitscope.huggingface import preprocessor_config, save_hf_directory, to_hf_state_dict, vit_config_from_hf
 from vitscope.model import BlogViT, build_model
 from vitscope.rundir import RunDir
 from vitscope.train import train
@@ -103,24 +105,58 @@ def test_hugging_face_directory_loads_without_missing_weights_and_gives_the_same
     loaded = assert_loads_cleanly(tmp_path / "hf")
     assert not hasattr(loaded.vit, "pooler") or loaded.vit.pooler is None  # the class token feeds the head
     x = images(7)
-    with torch.no_grad():
-        expected, theirs = model(x), loaded(pixel_values=x).logits
+    with torch.no_grad():  # a grey image made RGB: each channel the same
+        expected, theirs = model(x), loaded(pixel_values=x.expand(-1, 3, -1, -1)).logits
     assert (theirs - expected).abs().max() < 1e-4 and expected.abs().max() > 0.5
     assert loaded.config.id2label == dict(enumerate(CLASSES))
 
 
-def test_image_processor_normalises_a_grayscale_image_as_in_training(tmp_path):
+def test_image_processor_normalises_a_grayscale_image_as_in_training_in_each_rgb_channel(tmp_path):
     save_hf_directory(scrambled(TINY), TINY, tmp_path / "hf", CLASSES)
     processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / "hf")
     pixels = synthetic_digits(1)[0][0]
-    values = processor(pixels[None], return_tensors="pt")["pixel_values"]  # (1, H, W): one channel
+    values = processor(Image.fromarray(pixels), return_tensors="pt")["pixel_values"]
     expected = (torch.from_numpy(pixels).float() / 255 - 0.2) / 0.4
-    assert values.shape == (1, 1, 28, 28)
-    assert torch.allclose(values[0, 0], expected, atol=1e-6)
+    assert values.shape == (1, 3, 28, 28)
+    for channel in values[0]:
+        assert torch.allclose(channel, expected, atol=1e-6)
 
 
-def test_transformers_saved_model_survives_hf_vitscope_hf_exactly(tmp_path):
-    hf_config = transformers.ViTConfig(image_size=28, patch_size=7, num_channels=1, hidden_size=16,
+def test_grayscale_model_is_written_with_its_filters_spread_over_rgb_in_luma_proportions(tmp_path):
+    model = scrambled(TINY)
+    save_hf_directory(model, TINY, tmp_path / "hf", CLASSES)
+    record = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert record["num_channels"] == 3 and record["vitscope_grayscale_weights"] == [0.299, 0.587, 0.114]
+    filters = load_file(str(tmp_path / "hf" / "model.safetensors"))[
+        "vit.embeddings.patch_embeddings.projection.weight"]  # (D, 3, P, P)
+    grey = model.patch_embed.proj.weight.detach()  # (D, 1, P, P)
+    for channel, weight in enumerate((0.299, 0.587, 0.114)):
+        assert torch.allclose(filters[:, channel], grey[:, 0] * weight, rtol=1e-5, atol=1e-7)
+    # summed in channel order the three give the grey filters back bit for bit
+    assert torch.equal(filters[:, 0:1] + filters[:, 1:2] + filters[:, 2:3], grey)
+
+
+def test_processor_and_model_classify_grey_and_colour_pil_images_as_vitscope_does_their_luma(tmp_path):
+    model = scrambled(TINY)
+    save_hf_directory(model, TINY, tmp_path / "hf", CLASSES)
+    processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / "hf")
+    loaded = transformers.AutoModelForImageClassification.from_pretrained(tmp_path / "hf").eval()
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (28, 28), dtype=np.uint8)
+    rgb = rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)
+    # Luma computed here in float (PIL's convert("L") would round it to whole grey levels).
+    luma = rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    for image, pixels in ((Image.fromarray(grey), grey.astype(np.float64)), (Image.fromarray(rgb), luma)):
+        inputs = processor(image, return_tensors="pt")
+        with torch.no_grad():
+            theirs = loaded(**inputs).logits
+            ours = model(((torch.from_numpy(pixels) / 255 - 0.2) / 0.4).float()[None, None])
+        assert (theirs - ours).abs().max() < 1e-4 and ours.abs().max() > 0.5
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_transformers_saved_model_survives_hf_vitscope_hf(channels, tmp_path):
+    hf_config = transformers.ViTConfig(image_size=28, patch_size=7, num_channels=channels, hidden_size=16,
                                        num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
                                        layer_norm_eps=1e-6, num_labels=4, hidden_act="gelu")
     torch.manual_seed(1)
@@ -131,14 +167,40 @@ def test_transformers_saved_model_survives_hf_vitscope_hf_exactly(tmp_path):
     original.save_pretrained(tmp_path / "theirs")
 
     model, config = load_run(tmp_path / "theirs")
-    x = images(7)
+    assert config.in_channels == channels
+    x = images(7, replace(TINY, in_channels=channels))
     with torch.no_grad():
         assert (model(x) - original(pixel_values=x).logits).abs().max() < 1e-4
     save_hf_directory(model, config, tmp_path / "back", [str(i) for i in range(4)])
     back = assert_loads_cleanly(tmp_path / "back")
     theirs, ours = original.state_dict(), back.state_dict()
     assert theirs.keys() == ours.keys()
-    assert all(torch.equal(theirs[name], ours[name]) for name in theirs)
+    filters = "vit.embeddings.patch_embeddings.projection.weight"
+    assert all(torch.equal(theirs[name], ours[name]) for name in theirs if name != filters)
+    if channels == 3:  # an RGB model stays as it is
+        assert torch.equal(theirs[filters], ours[filters])
+    else:  # a grayscale one now reads RGB, and gives its logits for a grey image made RGB
+        assert ours[filters].shape[1] == 3 and torch.equal(ours[filters].sum(1, keepdim=True), theirs[filters])
+        with torch.no_grad():
+            assert (back(pixel_values=x.expand(-1, 3, -1, -1)).logits - original(pixel_values=x).logits
+                    ).abs().max() < 1e-4
+
+
+def test_hugging_face_directory_of_an_earlier_one_channel_export_still_loads(tmp_path):
+    model = scrambled(TINY)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    # What vitscope wrote before grayscale models were spread over RGB: one channel, one mean and std.
+    record = {**hf_config_record(TINY, CLASSES), "num_channels": 1}
+    del record["vitscope_grayscale_weights"]
+    (hf / "config.json").write_text(json.dumps(record))
+    (hf / "preprocessor_config.json").write_text(json.dumps(
+        {**preprocessor_config(TINY), "image_mean": [0.2], "image_std": [0.4], "do_convert_rgb": False}))
+    save_file(to_hf_state_dict(model.state_dict(), TINY.depth), str(hf / "model.safetensors"),
+              metadata={"format": "pt"})
+    loaded, config = load_run(hf)
+    assert config == TINY
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
 
 
 def test_vitscope_hf_vitscope_round_trip_is_exact(tmp_path):
@@ -285,3 +347,23 @@ def test_cli_refuses_hugging_face_export_of_the_blog_model_in_one_line(tmp_path)
     assert p.returncode == 2
     assert p.stderr.count("\n") == 1 and "cannot represent the 'blog' architecture" in p.stderr
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.slow  # real MNIST: from the cache, else fetched
+def test_image_classification_pipeline_on_mnist_is_as_accurate_as_vitscope(tmp_path):
+    from vitscope.data import load_dataset
+    from vitscope.evaluate import logits_of, scores
+    from vitscope.prediction import BUNDLED_RUN
+
+    export_run(BUNDLED_RUN, "hf", tmp_path / "hf")
+    test = load_dataset("mnist")
+    pixels, labels = test.test_images[:1000], test.test_labels[:1000]
+    model, config = load_run(BUNDLED_RUN)
+    logits = logits_of(model, pixels, config.pixel_mean, config.pixel_std)
+    ours = scores(logits, labels)
+
+    classify = transformers.pipeline("image-classification", model=str(tmp_path / "hf"))
+    answers = classify([Image.fromarray(image) for image in pixels.numpy()], top_k=1, batch_size=100)
+    predictions = torch.tensor([int(answer[0]["label"]) for answer in answers])
+    assert torch.equal(predictions, logits.argmax(1))
+    assert (predictions == labels).float().mean().item() == ours["test_acc"] > 0.97

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .cpu_kernels import VERSION as kernel_ops_version
+from .files import atomic_write
 
 
 def avoid_known_compiler_bugs(device: torch.device) -> list[str]:
@@ -276,9 +277,7 @@ def reuse_vec_isa_probe() -> None:
             checks = _recorded_checks(cpu_vec_isa, {})
             passed = sorted(str(isa) for isa in cpu_vec_isa.valid_vec_isa_list())  # runs the probes
             record.parent.mkdir(parents=True, exist_ok=True)
-            tmp = record.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"passed": passed, "checks": checks}))
-            os.replace(tmp, record)
+            atomic_write(record, json.dumps({"passed": passed, "checks": checks}))
         # Set in the probing process too: the setting is part of inductor's compile-cache key, so every
         # process of a machine must agree on it, or the second run would compile everything again.
         if claimed and passed == claimed:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .device import cpu_flags
+from .files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +70,9 @@ def build(cxx: str, path: Path) -> None:
     """Compile into a temporary file beside `path` and rename it into place, so that processes building at
     once (parallel tests) never load a half-written library."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-    os.close(fd)
-    try:
-        subprocess.run([cxx, *FLAGS, *map(str, SOURCES), "-o", tmp], check=True, capture_output=True, text=True,
-                       timeout=300)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as temporary:
+        subprocess.run([cxx, *FLAGS, *map(str, SOURCES), "-o", str(temporary)], check=True, capture_output=True,
+                       text=True, timeout=300)
 
 
 def torch_uses_libgomp() -> bool:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .errors import VitscopeError
+from .files import atomic_write
 
 SPLITS = {  # array name -> IDX file stem
     "train_images": "train-images-idx3-ubyte",
@@ -104,12 +105,10 @@ def read_idx(path: Path) -> np.ndarray:
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
-    """Write a uint8 array as an IDX file, atomically (a temporary file, then a rename)."""
+    """Write a uint8 array as an IDX file, atomically: processes filling the same cache at once never read
+    half of one."""
     header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
-    os.replace(tmp, path)
+    atomic_write(path, header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
 
 
 def find_idx_files(folder: Path) -> dict[str, Path] | None:

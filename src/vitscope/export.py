@@ -19,7 +19,7 @@ import torch
 from . import __version__
 from .config import ViTConfig
 from .errors import VitscopeError
-from .huggingface import require_representable, save_hf_directory
+from .huggingface import GRAYSCALE_KEY, require_representable, save_hf_directory
 from .model import count_parameters
 from .rundir import RunDir, load_run
 
@@ -143,23 +143,27 @@ patches ({config.num_patches} tokens and a class token), width {config.dim}, dep
 ## Use
 
 ```python
-import numpy as np
+from transformers import pipeline
+
+classify = pipeline("image-classification", model="path/to/this/directory")
+print(classify("digit.png"))  # [{{'label': '7', 'score': ...}}, ...], top 5
+```
+
+or, for the logits:
+
+```python
 from PIL import Image
-from transformers import AutoImageProcessor, ViTForImageClassification
+from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 processor = AutoImageProcessor.from_pretrained("path/to/this/directory")
-model = ViTForImageClassification.from_pretrained("path/to/this/directory")
-inputs = processor(np.asarray(Image.open("digit.png").convert("L"))[None], return_tensors="pt")
+model = AutoModelForImageClassification.from_pretrained("path/to/this/directory")
+inputs = processor(Image.open("digit.png"), return_tensors="pt")
 print(model.config.id2label[model(**inputs).logits.argmax(-1).item()])
 ```
 
-The input is a grayscale {size}x{size} image {ink}, given as a (1, H, W) array: \
-one channel, which the image-classification pipeline cannot feed (it converts every image to RGB). The \
-processor scales pixels to [0, 1] and normalises them with mean {config.pixel_mean} and std {config.pixel_std}, \
-as in training; it does not centre or crop a digit (`vitscope predict` does MNIST's preprocessing for any image \
-file).
+The model was trained on grayscale {size}x{size} images {ink}. It takes RGB, as every image pipeline gives it: its patch filters are the grayscale ones spread over red, green and blue in the proportions of PIL's `convert("L")` (0.299, 0.587, 0.114; recorded in config.json as `{GRAYSCALE_KEY}`), so a grey image gets the trained model's own logits and a colour image those of its luma. The processor converts the image to RGB, resizes it to {size}x{size} (bilinear), scales pixels to [0, 1] and normalises them with mean {config.pixel_mean} and std {config.pixel_std}, as in training; it does not centre or crop a digit (`vitscope predict` does MNIST's preprocessing for any image file).
 
-Back into vitscope: `vitscope.load_run("path/to/this/directory")` returns the same model.
+Back into vitscope: `vitscope.load_run("path/to/this/directory")` returns the same one-channel model.
 """
     return "\n".join(front) + body
 
@@ -187,8 +191,10 @@ def export_hf(model: torch.nn.Module, config: ViTConfig, out: str | Path, run: R
     if problems:
         raise RuntimeError(f"transformers {transformers.__version__} loaded {out} with {problems}")
     images = _check_inputs(config)
+    # A grayscale model reads RGB there: the grey images, each channel the same, as convert("RGB") makes them.
+    rgb = images.expand(-1, loaded.config.num_channels, -1, -1)
     with torch.no_grad():
-        logits = loaded.eval()(pixel_values=images).logits
+        logits = loaded.eval()(pixel_values=rgb).logits
     return _checked(out, f"transformers {transformers.__version__}", logits, model, images)
 
 

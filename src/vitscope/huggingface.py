@@ -1,6 +1,11 @@
 """Our ViT in Hugging Face `transformers`' layout, both ways: `ViTForImageClassification`'s config.json,
 preprocessor_config.json and model.safetensors.
 
+transformers' image pipelines convert every image to RGB, so a grayscale model is written with three input
+channels: its patch filters spread over R, G and B in the proportions of PIL's `convert("L")` (ITU-R 601
+luma). A grey image made RGB then gives the model's own logits, and a colour image the logits of its luma,
+as `vitscope predict` sees it. Loading sums the three filters back into one channel, exactly.
+
 No import of transformers here: the files are written and read directly, in the layout the Hub's ViT
 checkpoints use (`vit.encoder.layer.i.attention.attention.query`, ...). That layout is what every
 transformers version loads and what `save_pretrained` writes, so one mapping serves both directions.
@@ -26,6 +31,11 @@ HF_VIT_DEFAULTS = {"image_size": 224, "patch_size": 16, "num_channels": 3, "hidd
                    "hidden_dropout_prob": 0.0, "layer_norm_eps": 1e-12, "qkv_bias": True, "num_labels": 2}
 # ViTImageProcessor's defaults: what transformers feeds a ViT directory that has no preprocessor config.
 DEFAULT_IMAGE_MEAN = DEFAULT_IMAGE_STD = 0.5
+# R, G, B weights of PIL's convert("L"); they sum to 1, so R = G = B = v gives v.
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+# config.json key marking a grayscale vitscope model spread over RGB (value: LUMA_WEIGHTS), for the loader to fold.
+GRAYSCALE_KEY = "vitscope_grayscale_weights"
+PATCH_FILTERS = "vit.embeddings.patch_embeddings.projection.weight"  # (D, C, P, P)
 
 
 def is_hf_directory(path: str | Path) -> bool:
@@ -39,7 +49,7 @@ def is_hf_directory(path: str | Path) -> bool:
 def weight_names(depth: int) -> dict[str, str]:
     """Our parameter name -> transformers' name, except the fused q/k/v, which becomes three tensors."""
     names = {
-        "patch_embed.proj.weight": "vit.embeddings.patch_embeddings.projection.weight",
+        "patch_embed.proj.weight": PATCH_FILTERS,
         "patch_embed.proj.bias": "vit.embeddings.patch_embeddings.projection.bias",
         "cls_token": "vit.embeddings.cls_token",
         "pos_embed": "vit.embeddings.position_embeddings",
@@ -73,6 +83,23 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], depth: int) -> dict[str, to
     return {name: tensor.detach().cpu().contiguous() for name, tensor in hf.items()}
 
 
+def spread_over_rgb(filters: torch.Tensor) -> torch.Tensor:
+    """Patch filters (D, 1, P, P) -> (D, 3, P, P) in luma proportions. Blue takes what red and green leave, so
+    the channels, summed in order, give back the grey filters bit for bit (the subtraction is exact: Sterbenz)."""
+    red, green = filters * LUMA_WEIGHTS[0], filters * LUMA_WEIGHTS[1]
+    return torch.cat([red, green, filters - (red + green)], dim=1)
+
+
+def is_spread_grayscale(record: dict) -> bool:
+    """Whether a config.json is a grayscale vitscope model written with 3 channels, to be folded back to 1."""
+    return GRAYSCALE_KEY in record and record.get("num_channels") == 3
+
+
+def fold_rgb(filters: torch.Tensor) -> torch.Tensor:
+    """(D, 3, P, P) -> (D, 1, P, P): what the filters compute on a grey image given as R = G = B."""
+    return filters[:, 0:1] + filters[:, 1:2] + filters[:, 2:3]
+
+
 def from_hf_state_dict(hf: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
     expected = set(weight_names(depth).values()) | {n for i in range(depth) for kind in ("weight", "bias")
                                                      for n in _qkv_names(i, kind)}
@@ -95,14 +122,16 @@ def require_representable(config: ViTConfig) -> None:
 
 
 def hf_config(config: ViTConfig, class_names: list[str]) -> dict:
-    """transformers' ViTConfig fields for our model (what `save_pretrained` would write)."""
+    """transformers' ViTConfig fields for our model (what `save_pretrained` would write); a grayscale model is
+    declared with 3 channels and marked with GRAYSCALE_KEY."""
     require_representable(config)
+    grayscale = config.in_channels == 1
     return {
         "architectures": ["ViTForImageClassification"],
         "model_type": "vit",
         "image_size": config.image_size,
         "patch_size": config.patch_size,
-        "num_channels": config.in_channels,
+        "num_channels": 3 if grayscale else config.in_channels,
         "hidden_size": config.dim,
         "num_hidden_layers": config.depth,
         "num_attention_heads": config.heads,
@@ -116,22 +145,26 @@ def hf_config(config: ViTConfig, class_names: list[str]) -> dict:
         "encoder_stride": config.patch_size,
         "id2label": dict(enumerate(class_names)),
         "label2id": {name: i for i, name in enumerate(class_names)},
+        **({GRAYSCALE_KEY: list(LUMA_WEIGHTS)} if grayscale else {}),
     }
 
 
 def preprocessor_config(config: ViTConfig) -> dict:
-    """ViTImageProcessor settings that turn a grayscale image into the model's input: resize to the model's
-    size (a no-op at that size), scale to [0, 1], normalise as in training. One mean/std per channel."""
+    """ViTImageProcessor settings that turn any image into the model's input: make it RGB (a grayscale model
+    reads RGB, see above), resize it to the model's size (bilinear; a no-op at that size), scale to [0, 1],
+    normalise as in training. One mean/std per channel."""
+    channels = 3 if config.in_channels == 1 else config.in_channels
     return {
         "image_processor_type": "ViTImageProcessor",
+        "do_convert_rgb": channels == 3,
         "do_resize": True,
         "size": {"height": config.image_size, "width": config.image_size},
         "resample": 2,  # PIL bilinear, ViTImageProcessor's default
         "do_rescale": True,
         "rescale_factor": 1 / 255,
         "do_normalize": True,
-        "image_mean": [config.pixel_mean] * config.in_channels,
-        "image_std": [config.pixel_std] * config.in_channels,
+        "image_mean": [config.pixel_mean] * channels,
+        "image_std": [config.pixel_std] * channels,
     }
 
 
@@ -139,12 +172,14 @@ def save_hf_directory(model: ViT, config: ViTConfig, out: str | Path, class_name
     """config.json, preprocessor_config.json and model.safetensors that transformers loads as it is."""
     out = Path(out)
     config_record = hf_config(config, class_names)
+    hf_state = to_hf_state_dict(model.state_dict(), config.depth)
+    if config.in_channels == 1:
+        hf_state[PATCH_FILTERS] = spread_over_rgb(hf_state[PATCH_FILTERS])
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config_record, indent=2) + "\n")
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(config), indent=2) + "\n")
     # transformers refuses a safetensors file whose metadata does not name its framework.
-    save_file(to_hf_state_dict(model.state_dict(), config.depth), str(out / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(hf_state, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
 
 
@@ -179,7 +214,8 @@ def vit_config_from_hf(record: dict, preprocessor: dict | None) -> ViTConfig:
         raise VitscopeError(f"per-channel normalisation {mean}/{std} differs by channel; vitscope's ViTConfig "
                             "has one pixel_mean and pixel_std")
     config = ViTConfig(image_size=_single(record["image_size"], "image_size"),
-                       patch_size=_single(record["patch_size"], "patch_size"), in_channels=record["num_channels"],
+                       patch_size=_single(record["patch_size"], "patch_size"),
+                       in_channels=1 if is_spread_grayscale(record) else record["num_channels"],
                        num_classes=len(record["id2label"]) if "id2label" in record else record["num_labels"],
                        dim=hidden, depth=record["num_hidden_layers"], heads=heads, mlp_dim=record["intermediate_size"],
                        dropout=record["hidden_dropout_prob"], architecture="vit", pixel_mean=mean[0], pixel_std=std[0])
@@ -208,6 +244,8 @@ def load_hf_directory(path: str | Path) -> tuple[ViT, ViTConfig]:
         hf_state = load_file(str(weights))
     except (SafetensorError, OSError) as e:
         raise VitscopeError(f"cannot read {weights}: {e}") from None
+    if is_spread_grayscale(record) and PATCH_FILTERS in hf_state:
+        hf_state[PATCH_FILTERS] = fold_rgb(hf_state[PATCH_FILTERS])
     model = ViT(config)
     try:
         model.load_state_dict(from_hf_state_dict(hf_state, config.depth))

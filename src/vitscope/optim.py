@@ -10,6 +10,12 @@ calls instead of depth x 4 x 15.
 The learning rate of the Muon groups is scaled by 0.2 * sqrt(max(rows, cols)), which gives updates of the
 RMS AdamW's have (Liu et al. 2025, "Muon is scalable for LLM training"), so one schedule serves both.
 
+This is torch.optim.Muon(lr, weight_decay, momentum, nesterov=True, adjust_lr_fn="match_rms_adamw") with its
+default Newton-Schulz coefficients, steps and eps, except that torch orthogonalises in bfloat16 and divides by
+max(norm, eps) where ours stays in the parameters' dtype and divides by norm + eps (tests/test_optim.py pins
+ours to it). Ours, not torch's: its per-matrix, bfloat16 Newton-Schulz is slow on CPUs without native bf16
+and changes the numbers we train with, and WholeStep needs the update as a function of tensors to trace.
+
 The updates are functions of tensors only: the learning rate and the step count enter as 0-d tensors, so
 with `compile=True` torch.compile traces Muon's update once and fuses its elementwise passes, whatever the
 schedule does to the learning rate.

@@ -1,6 +1,6 @@
 """The run directory: everything a run leaves behind, and the one loader every consumer uses.
 
-    RUN/config.json          model + training config, seed, versions, hardware, dataset and location
+    RUN/config.json          model, training and runtime config, seed, versions, hardware, dataset and location
     RUN/model.safetensors    final weights
     RUN/metrics.jsonl        one JSON object per epoch
     RUN/checkpoint/state.pt  latest resumable state (tensors only; loaded with weights_only=True)
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from .config import RuntimeConfig, TrainConfig, ViTConfig, configs_from_record
 from .data import load_dataset
 from .errors import VitscopeError
+from .files import atomic_path, atomic_write
 from .huggingface import is_hf_directory, load_hf_directory
 from .model import build_model
 
@@ -46,7 +46,7 @@ class RunDir:
     # -- config --
     def write_config(self, record: dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.config_file, json.dumps(record, indent=2) + "\n")
+        atomic_write(self.config_file, json.dumps(record, indent=2) + "\n")
 
     def read_config(self) -> dict:
         self.require()
@@ -80,13 +80,12 @@ class RunDir:
 
     # -- weights --
     def save_weights(self, model: torch.nn.Module) -> None:
-        tmp = self.weights_file.with_name("model.safetensors.tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-        os.replace(tmp, self.weights_file)
+        with atomic_path(self.weights_file, durable=True) as temporary:
+            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(temporary))
 
     # -- metrics --
     def write_metrics(self, history: list[dict]) -> None:
-        atomic_write_text(self.metrics_file, "".join(json.dumps(row) + "\n" for row in history))
+        atomic_write(self.metrics_file, "".join(json.dumps(row) + "\n" for row in history))
 
     def read_metrics(self) -> list[dict]:
         if not self.metrics_file.is_file():
@@ -95,15 +94,11 @@ class RunDir:
 
     # -- checkpoint --
     def save_checkpoint(self, state: dict) -> None:
-        """Atomic: written to a temporary file, flushed to disk, then renamed over the old one, so a kill at
-        any moment leaves either the previous checkpoint or the new one."""
+        """Atomic and durable: a kill or a power cut at any moment leaves either the previous checkpoint or
+        the new one."""
         self.checkpoint_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.checkpoint_file.with_name("state.pt.tmp")
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.checkpoint_file)
+        with atomic_path(self.checkpoint_file, durable=True) as temporary:
+            torch.save(state, temporary)
 
     def load_checkpoint(self) -> dict:
         if not self.checkpoint_file.is_file():
@@ -112,12 +107,6 @@ class RunDir:
             return torch.load(self.checkpoint_file, map_location="cpu", weights_only=True)
         except Exception as e:  # a damaged or crafted file: refuse it, never unpickle freely
             raise VitscopeError(f"cannot load checkpoint {self.checkpoint_file}: {str(e).splitlines()[0]}") from None
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def config_to_dict(config) -> dict:
