@@ -252,7 +252,7 @@ def test_other_patch_and_image_sizes(patch_size, image_size):
 
 
 def test_flops_per_image_of_the_seed_size_matches_the_measured_figure():
-    # MEASURED.md: seed size 4.25 MFLOP per training image = 3x forward.
+    # The seed size's 4.25 MFLOP per training image (3x forward) that docs/performance.md#throughput counts with.
     assert abs(3 * flops_per_image(SEED_SIZE) / 1e6 - 4.25) < 0.1
 
 
