@@ -10,8 +10,8 @@ hundreds of times slower, as on a Zen 3); inductor's generated code to 256-bit v
 vitscope's own view of the CPU's flags, without AVX-512 and AMX, so `--precision auto` picks fp32 and the
 attention and GELU kernels stay off, as they would on an AVX2-only CPU. On the Intel host this measured torch.mm at
 86-102 GFLOP/s in fp32 and 0.3-1.5 GFLOP/s in bf16 (`matmul_peak.py` under the same variables), against ~91 and
-~0.3 on the Zen 3 host (../shared/MEASURED.md). A stand-in, not the machine: the cores, caches and clocks stay
-this CPU's. A user's own values of those variables are kept.
+~0.3 measured on the Zen 3 host (docs/performance.md#avx2-stand-in). A stand-in, not the machine: the cores,
+caches and clocks stay this CPU's. A user's own values of those variables are kept.
 """
 from __future__ import annotations
 

@@ -7,8 +7,7 @@
 # --preset fast`, seed 0 with an empty compile cache, then seeds 1-4 with the warm one, then seed 0 with
 # `cuda_graph = true` (benchmarks/time_to_accuracy.py); 3. training throughput at batch 1024, bf16, seed then
 # mid size, all four implementations (benchmarks/throughput.py).
-# First run (2026-11-27, torch 2.11.0+cu130 on an H100): every compiled step failed there (inductor bug,
-# pytorch/pytorch#176591; device.avoid_known_compiler_bugs now turns the failing pass off, not yet run there).
+# Results, and why torch 2.11 on CUDA compiled nothing there: docs/performance.md#gpu.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/vitscope-gpu}

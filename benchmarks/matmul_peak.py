@@ -1,5 +1,5 @@
 """The CPU's measured matmul peak: GFLOP/s of torch.mm on n x n matrices, fp32 and bf16, the denominator of
-every "% of peak" in RESULTS.md.
+every "% of peak" in docs/performance.md (#matmul-peak there has this script's figures).
 
     python benchmarks/matmul_peak.py [--sizes 256 1024 2048] [--threads 2] [--json]
 
