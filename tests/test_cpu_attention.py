@@ -191,6 +191,15 @@ def test_without_a_compiler_the_model_falls_back_to_the_explicit_form(monkeypatc
         cpu_kernels.load.cache_clear()
 
 
+@pytest.mark.skipif(cpu_kernels.compiler() is None, reason="no C++ compiler")
+def test_the_kernels_library_is_cached_in_the_users_vitscope_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("VITSCOPE_CACHE", str(tmp_path / "cache"))
+    assert cpu_kernels.library_path(cpu_kernels.compiler()).parent == tmp_path / "cache" / "kernels"
+    monkeypatch.delenv("VITSCOPE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cpu_kernels.library_path(cpu_kernels.compiler()).parent == tmp_path / "xdg" / "vitscope" / "kernels"
+
+
 @needs_kernel
 @pytest.mark.parametrize("tokens,dim", [(17, 32), (50, 128)])  # head sizes 8 (lane form) and 32 (row form)
 def test_the_kernels_threads_split_the_work_without_changing_a_bit(tokens, dim):
