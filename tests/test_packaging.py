@@ -1,12 +1,12 @@
-"""The package as a user installs it: the wheel holds every file the code reads besides its modules, and a
-regular (not editable) install of it predicts and builds its CPU kernels."""
+"""The package as a user installs and imports it: the wheel holds every file the code reads besides its modules,
+a regular (not editable) install of it predicts and builds its CPU kernels, and importing it changes nothing in
+the importing program."""
 import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -107,3 +107,31 @@ def test_the_installed_package_builds_its_kernels_into_the_vitscope_cache(instal
         pytest.skip(f"the kernels cannot be built here: {reason}")
     assert available, reason  # a missing header (kernels/numerics.h) fails the build
     assert Path(library).is_file() and Path(library).parent == Path(installed[1]["VITSCOPE_CACHE"]) / "kernels"
+
+
+IMPORT_EVERY_MODULE = """
+import importlib, json, pkgutil, warnings
+import matplotlib, numpy, PIL.Image, torch  # the dependencies' own import-time effects are theirs
+
+
+def settings():
+    return [PIL.Image.MAX_IMAGE_PIXELS, [repr(f) for f in warnings.filters], matplotlib.get_backend()]
+
+
+before = settings()
+import vitscope
+for module in pkgutil.walk_packages(vitscope.__path__, "vitscope."):
+    if module.name != "vitscope.__main__":  # runs the command line
+        importlib.import_module(module.name)
+print(json.dumps([before, settings()]))
+"""
+
+
+def test_importing_vitscope_leaves_the_programs_pillow_warnings_and_matplotlib_settings_alone(tmp_path):
+    # A clean interpreter; MPLBACKEND stands for a program's chosen backend (a notebook's, say).
+    env = {**os.environ, "MPLBACKEND": "svg", "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-c", IMPORT_EVERY_MODULE], capture_output=True, text=True, timeout=300,
+                       env=env, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    before, after = json.loads(p.stdout)
+    assert after == before
