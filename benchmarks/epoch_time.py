@@ -48,6 +48,7 @@ def main():
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     import torch
+
     from vitscope.data import SPLITS, cache_root, load_dataset
     from vitscope.device import cpu_name
 

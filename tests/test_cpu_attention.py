@@ -4,8 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vitscope import ViT, ViTConfig
-from vitscope import cpu_attention, cpu_gelu, cpu_kernels
+from vitscope import ViT, ViTConfig, cpu_attention, cpu_gelu, cpu_kernels
 from vitscope.model import kernel_is_faster
 
 needs_kernel = pytest.mark.skipif(not cpu_attention.available(),
@@ -170,7 +169,8 @@ def test_auto_runs_the_kernel_on_an_avx512_cpu_where_it_was_measured_faster(monk
     assert kernel_is_faster(8) and kernel_is_faster(16) and kernel_is_faster(32)  # seed, fast, mid head sizes
     assert not kernel_is_faster(12) and not kernel_is_faster(24)
     for avx512 in (True, False):
-        monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"avx2"} | ({"avx512f"} if avx512 else set()))
+        flags = {"avx2"} | ({"avx512f"} if avx512 else set())
+        monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda flags=flags: flags)
         assert ViT(SEED_SIZE).blocks[0].attn.kernel == avx512  # head size 8
         assert ViT(ViTConfig(dim=64, heads=4)).blocks[0].attn.kernel == avx512  # head size 16
         assert not ViT(ViTConfig(dim=48, heads=4)).blocks[0].attn.kernel  # head size 12

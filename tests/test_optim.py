@@ -106,7 +106,10 @@ def test_muon_run_resumes_bitwise(idx_dir, tmp_path, compile):
     recipe = TrainConfig(epochs=2, batch_size=32, optimizer="muon", lr=3e-3, muon_lr=0.02, weight_decay=0.05,
                          schedule="cosine", dataset="idx", data_dir=str(idx_dir), precision="fp32", device="cpu",
                          compile=compile)
-    quiet = lambda *a, **k: None  # noqa: E731
+
+    def quiet(*args, **kwargs):
+        pass
+
     straight = train(model, recipe, tmp_path / "straight", progress=False, log=quiet)
     train(model, recipe, tmp_path / "resumed", progress=False, stop_after_epoch=1, log=quiet)
     resumed = train(None, None, tmp_path / "resumed", resume=True, progress=False, log=quiet)

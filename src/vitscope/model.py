@@ -6,7 +6,6 @@ Parameter names and shapes follow timm's VisionTransformer (`patch_embed.proj`, 
 """
 from __future__ import annotations
 
-
 import math
 import warnings
 
@@ -64,7 +63,8 @@ class Attention(nn.Module):
     the three ops softmax(QK^T * scale) V, "kernel" vitscope's own CPU kernel (cpu_attention), "auto" fused
     on GPUs, on AVX-512 CPUs the kernel at the head sizes where it measured faster (`kernel_is_faster`),
     explicit otherwise (at these sizes the CPU flash kernel is slower than three small matmuls). Explicit
-    whenever the weights are asked for, and while exporting (the kernel is not a standard op); explicit too where the kernel cannot be built.
+    whenever the weights are asked for, and while exporting (the kernel is not a standard op); explicit too where
+    the kernel cannot be built.
 
     `scale` defaults to 1/sqrt(head_dim), as in the paper; the blog model overrides it.
     """

@@ -116,8 +116,8 @@ class TensorBoard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise VitscopeError("--tensorboard needs the tensorboard package: pip install 'vitscope[tensorboard]'") \
-                    from None
+                raise VitscopeError("--tensorboard needs the tensorboard package: "
+                                    "pip install 'vitscope[tensorboard]'") from None
             self.writer = SummaryWriter(str(folder))
 
     def log(self, row: dict) -> None:
@@ -145,7 +145,8 @@ def train(model_config: ViTConfig | None, train_config: TrainConfig | None, out:
         checkpoint = run.load_checkpoint()
     else:
         if run.exists():
-            raise VitscopeError(f"{run.path} already holds a run: pass --resume to continue it, or choose another --out")
+            raise VitscopeError(f"{run.path} already holds a run: pass --resume to continue it, "
+                                "or choose another --out")
         checkpoint = None
     model_config.validate()
     train_config.validate()
