@@ -9,7 +9,7 @@ TIMESTAMP := $(shell date +%Y%m%d-%H%M%S)
 RUN ?= runs/$(PRESET)-$(TIMESTAMP)
 BIN := $(VENV)/bin
 
-.PHONY: setup run test test-fast clean
+.PHONY: setup run lint test test-fast clean
 
 setup: $(VENV)/.installed
 
@@ -23,10 +23,14 @@ run: setup
 	$(BIN)/vitscope train --preset $(PRESET) --out $(RUN)
 	$(BIN)/vitscope analyze $(RUN)
 
-test: setup
+# ruff's rules are in pyproject.toml; `make test` (and so CI) lints before it tests.
+lint: setup
+	$(BIN)/ruff check .
+
+test: lint
 	$(BIN)/python -m pytest -ra
 
-test-fast: setup
+test-fast: lint
 	$(BIN)/python -m pytest -ra -m 'not slow'
 
 clean:

@@ -47,7 +47,8 @@ def main() -> None:
 
     forms = {"explicit (compiled)": torch.compile(explicit), "fused": fused}
     if cpu_attention.available():
-        forms["kernel"] = lambda qkv, heads: cpu_attention.multi_head_attention(qkv, heads, (qkv.shape[-1] // 3 // heads) ** -0.5)
+        forms["kernel"] = lambda qkv, heads: cpu_attention.multi_head_attention(qkv, heads,
+                                                                                (qkv.shape[-1] // 3 // heads) ** -0.5)
     for shape in args.shape or SHAPES:
         B, T, H, d = map(int, shape.split(","))
         for dtype_name in args.dtype.split(","):
@@ -55,11 +56,11 @@ def main() -> None:
             qkv = torch.randn(B, T, 3 * H * d).to(dtype).requires_grad_()
             grad = torch.randn(B, T, H * d).to(dtype)
 
-            def forward(fn):
+            def forward(fn, qkv=qkv, H=H):
                 with torch.no_grad():
                     fn(qkv, H)
 
-            def both(fn):
+            def both(fn, qkv=qkv, H=H, grad=grad):
                 fn(qkv, H).backward(grad)
 
             timings = {(name, kind): [] for name in forms for kind in ("forward", "forward+backward")}

@@ -53,10 +53,10 @@ def main() -> None:
             q = torch.randn(args.batch, 1, heads * head_dim, dtype=dtype)
             k, v = (torch.randn(args.batch, tokens, heads * head_dim, dtype=dtype) for _ in range(2))
             grad = torch.randn_like(q)
-            forms = {name: torch.compile(lambda *t, form=form: form(attn, *t))
+            forms = {name: torch.compile(lambda *t, form=form, attn=attn: form(attn, *t))
                      for name, form in (("per head", per_head), ("heads as rows", heads_as_rows))}
 
-            def call(form):
+            def call(form, q=q, k=k, v=v, grad=grad):
                 inputs = [t.detach().requires_grad_() for t in (q, k, v)]
                 form(*inputs).backward(grad)
 

@@ -57,6 +57,7 @@ def main():
     if args.max_steps is not None and args.max_steps < 1:
         ap.error("--max-steps must be at least 1")
     import torch
+
     from vitscope.data import load_dataset
     from vitscope.device import cpu_name
 

@@ -253,7 +253,8 @@ def evaluate(folder: Path, models: list[Path]) -> None:
         cells = [f"{correct[pick].mean():.1%}" for correct in columns.values()]
         name = f"**{condition}**" if condition == "all" else condition
         print(f"| {name} | {pick.sum()} | " + " | ".join(cells) + " |")
-    unread = {f"{mode} ({size} px)": int((~read).sum()) for (mode, size), (_, read) in prepared.items() if not read.all()}
+    unread = {f"{mode} ({size} px)": int((~read).sum())
+              for (mode, size), (_, read) in prepared.items() if not read.all()}
     if unread:
         print("\nImages the preprocessing found no ink in, counted as wrong for every model: "
               + ", ".join(f"{mode}: {count}" for mode, count in unread.items()))

@@ -87,7 +87,8 @@ def main() -> None:
         other = Path(tmp) / "other"
         other.mkdir()
         export(args.rev, other)
-        libraries = {"this checkout": build(KERNELS, Path(tmp) / "this.so"), args.rev: build(other, Path(tmp) / "other.so")}
+        libraries = {"this checkout": build(KERNELS, Path(tmp) / "this.so"),
+                     args.rev: build(other, Path(tmp) / "other.so")}
         for shape in args.shape or ["256,17,4,8"]:
             B, T, H, d = map(int, shape.split(","))
             for dtype_name in args.dtype.split(","):

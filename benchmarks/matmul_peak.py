@@ -44,7 +44,8 @@ def main() -> None:
 
     for dtype in (torch.float32, torch.bfloat16):
         for n in args.sizes:
-            row = {"n": n, "dtype": str(dtype).removeprefix("torch."), "gflops": round(gflops(n, dtype, args.repeats), 1),
+            row = {"n": n, "dtype": str(dtype).removeprefix("torch."),
+                   "gflops": round(gflops(n, dtype, args.repeats), 1),
                    "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__}
             print(json.dumps(row) if args.json else f"{row['dtype']:8s} n={n:5d}  {row['gflops']:8.1f} GFLOP/s")
 

@@ -9,8 +9,8 @@ inductor's generated kernels named one by one.
 The step is `vitscope.train.make_train_step` on the preset's model and recipe, compiled, at `--precision
 auto`'s choice, fed one fixed batch of random uint8 images. With --size, it is the step throughput.py times
 for vitscope instead (that size, explicit attention, AdamW, batch 256 unless --batch says otherwise).
---shapes adds a table of the matmuls by shape, each with its achieved GFLOP/s. The profiler's own overhead inflates the small
-operations; the sum of all rows is printed beside the unprofiled step time.
+--shapes adds a table of the matmuls by shape, each with its achieved GFLOP/s. The profiler's own overhead inflates
+the small operations; the sum of all rows is printed beside the unprofiled step time.
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import time
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 

@@ -109,7 +109,8 @@ def main() -> None:
                "windows": [round(v, 2) for v in values],
                "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__}
         print(json.dumps(row) if args.json else
-              f"{name:55s} {row['ms_per_step']:7.2f} ms/step  x{row['speedup']:.2f} (paired x{row['paired_speedup']:.2f})")
+              f"{name:55s} {row['ms_per_step']:7.2f} ms/step  x{row['speedup']:.2f} "
+              f"(paired x{row['paired_speedup']:.2f})")
 
 if __name__ == "__main__":
     main()

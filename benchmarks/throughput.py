@@ -50,7 +50,8 @@ def build_vitscope(size: dict, attention: str):
 
 
 def build_hf(size: dict, attention: str):
-    from transformers import ViTConfig as HFConfig, ViTForImageClassification
+    from transformers import ViTConfig as HFConfig
+    from transformers import ViTForImageClassification
     config = HFConfig(image_size=28, patch_size=size["patch_size"], num_channels=1, hidden_size=size["dim"],
                       num_hidden_layers=size["depth"], num_attention_heads=size["heads"],
                       intermediate_size=size["mlp_dim"], num_labels=10,
@@ -190,8 +191,8 @@ def main():
     # `vitscope train` keeps freed memory in the process (no page faults per step); set here, it serves every
     # implementation of this one process alike.
     keep_freed_memory()
-    from vitscope.model import flops_per_image
     from vitscope import ViTConfig
+    from vitscope.model import flops_per_image
     device = torch.device(args.device)
     if args.compile != "off":  # as `vitscope train` would, for every implementation of this process alike
         avoid_known_compiler_bugs(device)

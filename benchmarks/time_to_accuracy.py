@@ -30,7 +30,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 VALIDATION_SIZE = 10_000
 
 
@@ -105,7 +104,8 @@ def main() -> None:
                "gpu": results[0]["gpu"], "avx2_proxy": args.avx2_proxy,
                "precision": results[0]["precision"]}
     print(json.dumps(summary) if args.json else
-          f"{args.preset}: mean {summary['scored_on']} accuracy {summary['mean_test_acc']:.2%} over {len(results)} seeds "
+          f"{args.preset}: mean {summary['scored_on']} accuracy {summary['mean_test_acc']:.2%} "
+          f"over {len(results)} seeds "
           f"(min {summary['min_test_acc']:.2%}, max {summary['max_test_acc']:.2%}); median wall-clock "
           f"{summary['median_wall_s']:.1f} s on {summary['gpu'] or summary['cpu']} ({summary['precision']}"
           f"{', as an AVX2-only CPU: avx2_proxy.py' if args.avx2_proxy else ''})")

@@ -7,9 +7,17 @@ import torch
 
 from conftest import run_cli
 from vitscope import BlogViT, RuntimeConfig, TrainConfig, ViT, ViTConfig, VitscopeError
-from vitscope.analysis import (attention_rollout, class_token_attention, confusion_matrix,
-                               embedding_principal_components, mean_attention_distance, position_embeddings,
-                               position_similarity, rollout_map, similarity_by_relation)
+from vitscope.analysis import (
+    attention_rollout,
+    class_token_attention,
+    confusion_matrix,
+    embedding_principal_components,
+    mean_attention_distance,
+    position_embeddings,
+    position_similarity,
+    rollout_map,
+    similarity_by_relation,
+)
 from vitscope.report import analyze_run
 from vitscope.train import train
 

@@ -170,7 +170,8 @@ def test_auto_runs_the_kernel_on_an_avx512_cpu_where_it_was_measured_faster(monk
     assert kernel_is_faster(8) and kernel_is_faster(16) and kernel_is_faster(32)  # seed, fast, mid head sizes
     assert not kernel_is_faster(12) and not kernel_is_faster(24)
     for avx512 in (True, False):
-        monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"avx2"} | ({"avx512f"} if avx512 else set()))
+        flags = {"avx2"} | ({"avx512f"} if avx512 else set())
+        monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda flags=flags: flags)
         auto = RuntimeConfig()
         assert build_model(SEED_SIZE, auto).blocks[0].attn.kernel == avx512  # head size 8
         assert build_model(ViTConfig(dim=64, heads=4), auto).blocks[0].attn.kernel == avx512  # head size 16

@@ -5,8 +5,13 @@ import torch.nn.functional as F
 
 from vitscope import RuntimeConfig, ViT, ViTConfig, cpu_kernels
 from vitscope.errors import VitscopeError
-from vitscope.fastpath import (GELU, GELU_KERNEL_MIN_ELEMENTS, HEADS_AS_ROWS_BELOW, ClassTokenLastBlockViT,
-                               executed_flops_per_image)
+from vitscope.fastpath import (
+    GELU,
+    GELU_KERNEL_MIN_ELEMENTS,
+    HEADS_AS_ROWS_BELOW,
+    ClassTokenLastBlockViT,
+    executed_flops_per_image,
+)
 from vitscope.model import build_model, flops_per_image
 
 SEED_SIZE = ViTConfig(image_size=28, patch_size=7, in_channels=1, num_classes=10, dim=32, depth=3, heads=4,
@@ -79,7 +84,8 @@ def test_one_exp_gelu_and_its_gradient_match_atens_exact_gelu(implementation, dt
 def test_gelu_is_one_exp_only_where_a_backward_may_follow(monkeypatch):
     calls = []
     monkeypatch.setattr("vitscope.fastpath.OneExpGELU.apply", lambda x: calls.append("one-exp") or F.gelu(x))
-    monkeypatch.setattr("vitscope.cpu_gelu.gelu_with_gradient", lambda x, bias=None: calls.append("kernel") or F.gelu(x))
+    monkeypatch.setattr("vitscope.cpu_gelu.gelu_with_gradient",
+                        lambda x, bias=None: calls.append("kernel") or F.gelu(x))
     monkeypatch.setattr("vitscope.cpu_kernels.faster_here", lambda: False)
     x = torch.randn(4, requires_grad=True)
     GELU("auto")(x)

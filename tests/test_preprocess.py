@@ -3,14 +3,14 @@ with Pillow; the expected numbers are computed independently with numpy."""
 import io
 import os
 import struct
+import warnings
 import zlib
 
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageOps
 
-from vitscope.preprocess import (MAX_PIXELS, ImageRejected, decode_image, mnist_style, read_image,
-                                 stroke_width)
+from vitscope.preprocess import MAX_PIXELS, ImageRejected, decode_image, mnist_style, read_image, stroke_width
 
 
 def digit_like(size=(120, 90), ink=0, paper=255, mode="L", offset=(0, 0)) -> Image.Image:
@@ -196,8 +196,25 @@ def png_claiming(width: int, height: int) -> bytes:
     return bytes(data)
 
 
-def test_pillow_bomb_guard_is_ours():
-    assert Image.MAX_IMAGE_PIXELS == MAX_PIXELS == 40_000_000
+def test_a_bomb_in_pillows_warning_zone_is_refused_silently_and_the_filters_stay():
+    # 100 megapixels: over Pillow's default MAX_IMAGE_PIXELS (89.5), under twice that, where it only warns.
+    assert Image.MAX_IMAGE_PIXELS < 10_000 * 10_000 < 2 * Image.MAX_IMAGE_PIXELS
+    filters = list(warnings.filters)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ImageRejected, match="40 megapixels"):
+            decode_image(png_claiming(10_000, 10_000))
+    assert caught == [] and warnings.filters == filters
+
+
+@pytest.mark.parametrize("pillows_limit", [None, 10**12])
+def test_our_pixel_limits_hold_whatever_pillows_limit_is(monkeypatch, pillows_limit):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", pillows_limit)  # a program's own choice, left alone
+    assert MAX_PIXELS == 40_000_000
+    for width, height in ((7000, 7000), (100_000, 100_000)):
+        with pytest.raises(ImageRejected, match="40 megapixels"):
+            decode_image(png_claiming(width, height))
+    assert Image.MAX_IMAGE_PIXELS == pillows_limit
 
 
 @pytest.mark.parametrize("make, message", [
@@ -213,7 +230,6 @@ def test_pillow_bomb_guard_is_ours():
     (lambda p: os.mkfifo(p), "not a regular file"),  # reading it would wait forever
     (lambda p: None, "no such file"),
 ])
-@pytest.mark.filterwarnings("error::PIL.Image.DecompressionBombWarning")  # as vitscope sets it (pytest resets it)
 def test_bad_files_are_refused_with_their_reason(tmp_path, make, message):
     path = tmp_path / "upload.png"
     if message == "20 MB":

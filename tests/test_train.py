@@ -239,7 +239,8 @@ def test_a_failing_torch_compile_warns_and_trains_on_uncompiled(monkeypatch, opt
     monkeypatch.setattr(torch, "compile", broken_compile)
     torch.manual_seed(0)
     model = ViT(TINY)
-    recipe, runtime = TrainConfig(lr=1e-3, optimizer=optimizer), RuntimeConfig(compile="on", compile_whole_step=whole_step)
+    recipe = TrainConfig(lr=1e-3, optimizer=optimizer)
+    runtime = RuntimeConfig(compile="on", compile_whole_step=whole_step)
     optimizer = make_optimizer(model, recipe, runtime)
     step = make_train_step(model, optimizer, make_scheduler(optimizer, recipe, 10), recipe, runtime, TINY,
                            torch.device("cpu"), "fp32")
@@ -255,7 +256,6 @@ def test_a_failing_torch_compile_warns_and_trains_on_uncompiled(monkeypatch, opt
 
 @pytest.mark.parametrize("keep", [True, False])
 def test_keep_freed_memory_is_a_field_that_turns_the_malloc_setting_off(monkeypatch, idx_dir, tmp_path, keep):
-    import vitscope.train as train_module
     calls = []
     import vitscope.process as process_module
     monkeypatch.setattr(process_module, "keep_freed_memory", lambda: calls.append(1) or True)

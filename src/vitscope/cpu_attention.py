@@ -14,7 +14,11 @@ from __future__ import annotations
 import torch
 
 from .cpu_kernels import VERSION, bias_gradient, fp32_bias, library, pointer
-from .cpu_kernels import available, faster_here, unavailable_reason  # noqa: F401 (this module's API)
+
+# This module's API too (the model asks cpu_attention whether its kernel runs here): re-exported, as the aliases say.
+from .cpu_kernels import available as available
+from .cpu_kernels import faster_here as faster_here
+from .cpu_kernels import unavailable_reason as unavailable_reason
 
 LANES = 16  # images per vector in the kernel's lane form (its L)
 ROW_FORM_MULTIPLE = 16  # head sizes that are multiples of this run in the kernel's row form

@@ -14,11 +14,11 @@ import logging
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
+from .data import cache_root
 from .device import cpu_flags
 from .files import atomic_path
 
@@ -54,16 +54,13 @@ def compiler() -> str | None:
 
 
 def library_path(cxx: str) -> Path:
-    """Where the built library is cached: beside torch.compile's own kernels ($TORCHINDUCTOR_CACHE_DIR, else
-    /tmp/torchinductor_$USER), named by the sources, the compiler, its flags and this CPU's features
-    (-march=native code may not run on another CPU that shares the folder)."""
-    try:
-        from torch._inductor.runtime.cache_dir_utils import cache_dir
-    except ImportError:  # an older torch: the system's temporary folder
-        cache_dir = tempfile.gettempdir
+    """Where the built library is cached: in the user's vitscope cache (`data.cache_root()`: $VITSCOPE_CACHE,
+    else $XDG_CACHE_HOME/vitscope, else ~/.cache/vitscope), never a folder of /tmp that another user could have
+    made first; named by the sources, the compiler, its flags and this CPU's features (-march=native code may not
+    run on another CPU that shares a home directory)."""
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = "\0".join([source_text(), cxx, version, " ".join(FLAGS), " ".join(sorted(cpu_flags()))])
-    return Path(cache_dir()) / "vitscope-kernels" / f"kernels-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+    return cache_root() / "kernels" / f"kernels-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
 
 
 def build(cxx: str, path: Path) -> None:

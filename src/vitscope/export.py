@@ -161,7 +161,13 @@ inputs = processor(Image.open("digit.png"), return_tensors="pt")
 print(model.config.id2label[model(**inputs).logits.argmax(-1).item()])
 ```
 
-The model was trained on grayscale {size}x{size} images {ink}. It takes RGB, as every image pipeline gives it: its patch filters are the grayscale ones spread over red, green and blue in the proportions of PIL's `convert("L")` (0.299, 0.587, 0.114; recorded in config.json as `{GRAYSCALE_KEY}`), so a grey image gets the trained model's own logits and a colour image those of its luma. The processor converts the image to RGB, resizes it to {size}x{size} (bilinear), scales pixels to [0, 1] and normalises them with mean {config.pixel_mean} and std {config.pixel_std}, as in training; it does not centre or crop a digit (`vitscope predict` does MNIST's preprocessing for any image file).
+The model was trained on grayscale {size}x{size} images {ink}. It takes RGB, as every image pipeline gives it:
+its patch filters are the grayscale ones spread over red, green and blue in the proportions of PIL's
+`convert("L")` (0.299, 0.587, 0.114; recorded in config.json as `{GRAYSCALE_KEY}`), so a grey image gets the
+trained model's own logits and a colour image those of its luma. The processor converts the image to RGB,
+resizes it to {size}x{size} (bilinear), scales pixels to [0, 1] and normalises them with mean
+{config.pixel_mean} and std {config.pixel_std}, as in training; it does not centre or crop a digit (`vitscope
+predict` does MNIST's preprocessing for any image file).
 
 Back into vitscope: `vitscope.load_run("path/to/this/directory")` returns the same one-channel model.
 """

@@ -6,20 +6,24 @@ import math
 from pathlib import Path
 
 import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.colors import PowerNorm  # noqa: E402
+import numpy as np
+import torch
+from matplotlib.colors import PowerNorm
+from matplotlib.figure import Figure
 
 DPI = 110
+
+
+def subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], dpi: float | None = None, **kwargs):
+    """pyplot.subplots without pyplot: a Figure of its own that draws to PNG through Agg whatever the process's
+    backend, so vitscope never sets or needs one (a notebook's stays as it was), and nothing to close."""
+    fig = Figure(figsize=figsize, dpi=dpi)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
@@ -33,7 +37,7 @@ def plot_embedding_filters(components: torch.Tensor, explained_variance: torch.T
     """The first `count` principal components (K, C, P, P) as PxP images, each with its explained variance."""
     count = min(count, len(components))
     rows, cols = _grid_shape(count, 8)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.35 * cols, 1.55 * rows + 0.5), squeeze=False)
+    fig, axes = subplots(rows, cols, figsize=(1.35 * cols, 1.55 * rows + 0.5), squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i >= count:
@@ -55,13 +59,13 @@ def plot_position_similarity(similarity: torch.Tensor | None, grid: int, path: P
     """A grid x grid array of small heatmaps: tile (r, c) shows the cosine similarity of position (r, c)'s
     embedding with every position's. With `similarity` None, the figure says `note` instead."""
     if similarity is None:
-        fig, ax = plt.subplots(figsize=(5.5, 2.2))
+        fig, ax = subplots(figsize=(5.5, 2.2))
         ax.axis("off")
         ax.text(0.5, 0.5, note, ha="center", va="center", wrap=True, fontsize=10)
         ax.set_title("Position embedding similarity", fontsize=11)
         return _save(fig, path)
-    fig, axes = plt.subplots(grid, grid, figsize=(0.9 * grid + 1.4, 0.9 * grid + 0.8), squeeze=False,
-                             gridspec_kw={"wspace": 0.08, "hspace": 0.08})
+    fig, axes = subplots(grid, grid, figsize=(0.9 * grid + 1.4, 0.9 * grid + 0.8), squeeze=False,
+                         gridspec_kw={"wspace": 0.08, "hspace": 0.08})
     tiles = similarity.reshape(grid, grid, grid, grid).numpy()
     for r in range(grid):
         for c in range(grid):
@@ -85,8 +89,8 @@ def plot_attention_distance(distances: torch.Tensor, path: Path, patch_size: int
     """One dot per head at its layer's depth: mean attention distance in pixels (L, H); `class_token` says
     how the class token was treated."""
     layers, heads = distances.shape
-    fig, ax = plt.subplots(figsize=(6, 4.4))
-    colours = plt.cm.tab10(np.arange(heads) % 10)
+    fig, ax = subplots(figsize=(6, 4.4))
+    colours = matplotlib.colormaps["tab10"](np.arange(heads) % 10)
     for h in range(heads):
         # A small sideways offset per head, so heads at the same distance stay visible.
         x = np.arange(1, layers + 1) + (h - (heads - 1) / 2) * 0.04
@@ -112,8 +116,8 @@ def plot_attention_rollout(images: torch.Tensor, maps: torch.Tensor, labels: tor
     """Each digit (B, H, W) beside itself with its rollout map (B, grid, grid) laid over it."""
     count = len(images)
     rows, cols = _grid_shape(count, 6)
-    fig, axes = plt.subplots(2 * rows, cols, figsize=(1.45 * cols, 2.9 * rows + 0.6), squeeze=False,
-                             gridspec_kw={"hspace": 0.12, "wspace": 0.05})
+    fig, axes = subplots(2 * rows, cols, figsize=(1.45 * cols, 2.9 * rows + 0.6), squeeze=False,
+                         gridspec_kw={"hspace": 0.12, "wspace": 0.05})
     size = images.shape[-1]
     for i in range(rows * cols):
         top, bottom = axes[2 * (i // cols), i % cols], axes[2 * (i // cols) + 1, i % cols]
@@ -138,7 +142,7 @@ def plot_attention_rollout(images: torch.Tensor, maps: torch.Tensor, labels: tor
 def plot_confusion_matrix(matrix: torch.Tensor, path: Path) -> Path:
     """Counts (K, K), rows true, columns predicted; colour on a compressed scale so that rare errors show."""
     K = matrix.shape[0]
-    fig, ax = plt.subplots(figsize=(0.5 * K + 2.2, 0.5 * K + 1.6))
+    fig, ax = subplots(figsize=(0.5 * K + 2.2, 0.5 * K + 1.6))
     norm = PowerNorm(0.3, vmin=0, vmax=max(1, matrix.max().item()))
     ax.imshow(matrix.numpy(), cmap="Blues", norm=norm)
     errors = matrix.sum().item() - matrix.diag().sum().item()
@@ -161,12 +165,12 @@ def plot_misclassified(images: torch.Tensor, labels: torch.Tensor, predictions: 
                        confidences: torch.Tensor, path: Path, total_errors: int) -> Path:
     """The given wrong predictions, most confident first, each titled true -> predicted (confidence)."""
     if len(images) == 0:
-        fig, ax = plt.subplots(figsize=(5, 1.5))
+        fig, ax = subplots(figsize=(5, 1.5))
         ax.axis("off")
         ax.text(0.5, 0.5, "No misclassified test images.", ha="center", va="center", fontsize=11)
         return _save(fig, path)
     rows, cols = _grid_shape(len(images), 8)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.25 * cols, 1.45 * rows + 0.5), squeeze=False)
+    fig, axes = subplots(rows, cols, figsize=(1.25 * cols, 1.45 * rows + 0.5), squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i < len(images):

@@ -3,10 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from .figures import subplots
 
 
 def plot_training_curves(history: list[dict], folder: Path, title: str = "") -> list[Path]:
@@ -14,7 +11,7 @@ def plot_training_curves(history: list[dict], folder: Path, title: str = "") -> 
     epochs = [row["epoch"] for row in history]
     written = []
     for metric, ylabel in (("acc", "accuracy"), ("loss", "loss")):
-        fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+        fig, ax = subplots(figsize=(6, 4), dpi=120)
         ax.plot(epochs, [row[f"train_{metric}"] for row in history], "o-", label="train", markersize=3)
         ax.plot(epochs, [row[f"test_{metric}"] for row in history], "s-", label="test", markersize=3)
         ax.set_xlabel("epoch")
@@ -26,6 +23,5 @@ def plot_training_curves(history: list[dict], folder: Path, title: str = "") -> 
         fig.tight_layout()
         path = folder / f"{'accuracy' if metric == 'acc' else 'loss'}.png"
         fig.savefig(path)
-        plt.close(fig)
         written.append(path)
     return written

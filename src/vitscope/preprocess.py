@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import stat
 import struct
+import threading
 import warnings
 from pathlib import Path
 
@@ -31,12 +32,8 @@ MAX_PIXELS = 40_000_000
 FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
 FORMAT_NAMES = "PNG, JPEG, BMP, GIF, WebP or TIFF"
 
-# Pillow's own bomb guard, set to our limit. By default it only warns above MAX_IMAGE_PIXELS (an error at
-# twice that); the warning is made an error for the whole process (a filter set once is thread-safe, unlike
-# catch_warnings around each open), so Image.open refuses a bomb from its header, before any decoding.
-Image.MAX_IMAGE_PIXELS = MAX_PIXELS
-warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
-Image.init()  # registers every format plugin; Image.open(formats=...) expects the named ones loaded
+# Opening (reading the header) takes turns: each open swaps the process's warning filters (see open_header).
+_open_lock = threading.Lock()
 
 # Pixels that differ from the background by less than this share of the strongest ink are noise
 # (paper texture, JPEG ringing, a shadow): they neither extend the ink's bounding box nor count as ink.
@@ -85,7 +82,7 @@ def decode_image(data: bytes) -> Image.Image:
     if len(data) > MAX_FILE_BYTES:
         raise ImageRejected(f"file is over the {MAX_FILE_BYTES // 2**20} MB limit")
     try:
-        image = Image.open(io.BytesIO(data), formats=FORMATS)
+        image = open_header(data)
         width, height = image.size  # from the header: nothing decoded yet
         if width > MAX_SIDE or height > MAX_SIDE or width * height > MAX_PIXELS:
             raise ImageRejected(f"image is {width}x{height} px, over the limit of {MAX_SIDE} px a side "
@@ -104,6 +101,19 @@ def decode_image(data: bytes) -> Image.Image:
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
         # Pillow reports truncated or corrupt data through all of these, depending on the format.
         raise ImageRejected(f"truncated or corrupt image data ({str(e).splitlines()[0] or type(e).__name__})") from None
+
+
+def open_header(data: bytes) -> Image.Image:
+    """Image.open: the format and size from the header, no pixels decoded; only FORMATS.
+
+    Pillow's own bomb guard reads its process-wide Image.MAX_IMAGE_PIXELS (89 megapixels unless the program
+    changed it) and warns above it (an error at twice that). vitscope leaves that setting, and the process's
+    warning filters, as the program has them: its own limits are checked from the size this returns, and
+    Pillow's warning becomes an exception for this call only, so a bomb is never decoded and never prints."""
+    with _open_lock, warnings.catch_warnings():  # catch_warnings swaps the process's filter list: one at a time
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        Image.init()  # every format plugin registered, as Image.open(formats=...) expects of the named ones
+        return Image.open(io.BytesIO(data), formats=FORMATS)
 
 
 def mnist_style(image: Image.Image, size: int = 28, normalize_stroke: bool = True) -> np.ndarray:

@@ -10,14 +10,29 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .analysis import (CLASS_TOKEN_TREATMENT, attention_rollout, class_token_attention, confusion_matrix,
-                       embedding_principal_components, mean_attention_distance, patch_distances,
-                       position_similarity, rollout_map, similarity_by_relation)
+from .analysis import (
+    CLASS_TOKEN_TREATMENT,
+    attention_rollout,
+    class_token_attention,
+    confusion_matrix,
+    embedding_principal_components,
+    mean_attention_distance,
+    patch_distances,
+    position_similarity,
+    rollout_map,
+    similarity_by_relation,
+)
 from .config import ViTConfig
 from .data import normalize
 from .evaluate import scores
-from .figures import (plot_attention_distance, plot_attention_rollout, plot_confusion_matrix,
-                      plot_embedding_filters, plot_misclassified, plot_position_similarity)
+from .figures import (
+    plot_attention_distance,
+    plot_attention_rollout,
+    plot_confusion_matrix,
+    plot_embedding_filters,
+    plot_misclassified,
+    plot_position_similarity,
+)
 from .model import BlogViT
 from .plots import plot_training_curves
 from .rundir import RunDir, load_run

@@ -81,8 +81,9 @@ class WholeStep:
     If torch.compile fails, the same function runs eagerly (`CompiledOrEager`).
 
     Autocast is entered around the compiled call, as in the usual form: AOTAutograd's cache (torch 2.13)
-    refuses a graph that enters autocast itself, and every process would trace the step anew. So under bf16 autocast the update's matmuls (Muon's Newton-Schulz iterations) run
-    in bf16 too, as Jordan's reference Muon runs them; the moments and the parameters stay fp32."""
+    refuses a graph that enters autocast itself, and every process would trace the step anew. So under bf16
+    autocast the update's matmuls (Muon's Newton-Schulz iterations) run in bf16 too, as Jordan's reference Muon
+    runs them; the moments and the parameters stay fp32."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, config: TrainConfig,
                  runtime: RuntimeConfig, model_config: ViTConfig, device: torch.device, precision: str):

@@ -103,7 +103,8 @@ def run_record(preset: str, model_config: ViTConfig, train_config: TrainConfig, 
         "vitscope_version": __version__, "preset": preset,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seed": train_config.seed, "model": config_to_dict(model_config), "train": config_to_dict(train_config),
-        "runtime": config_to_dict(runtime), "dataset": dataset.describe(), "precision": precision, "compiled": compiled, "hardware": hardware,
+        "runtime": config_to_dict(runtime), "dataset": dataset.describe(), "precision": precision,
+        "compiled": compiled, "hardware": hardware,
         "versions": {"vitscope": __version__, "torch": torch.__version__, "numpy": np.__version__,
                      "safetensors": safetensors.__version__, "python": hardware["python"]},
         "parameters": count_parameters(model), "flops_per_image": flops_per_image(model_config),
@@ -120,8 +121,8 @@ class TensorBoard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise VitscopeError("--tensorboard needs the tensorboard package: pip install 'vitscope[tensorboard]'") \
-                    from None
+                raise VitscopeError("--tensorboard needs the tensorboard package: "
+                                    "pip install 'vitscope[tensorboard]'") from None
             self.writer = SummaryWriter(str(folder))
 
     def log(self, row: dict) -> None:
@@ -149,7 +150,8 @@ def train(model_config: ViTConfig | None, train_config: TrainConfig | None, out:
         checkpoint = run.load_checkpoint()
     else:
         if run.exists():
-            raise VitscopeError(f"{run.path} already holds a run: pass --resume to continue it, or choose another --out")
+            raise VitscopeError(f"{run.path} already holds a run: pass --resume to continue it, "
+                                "or choose another --out")
         checkpoint = None
     runtime = runtime or RuntimeConfig()
     model_config.validate()
