@@ -1,5 +1,5 @@
 """Milliseconds for the last block's class-token attention, forward and backward, compiled: the per-head
-form against the heads-as-rows form (`model.Attention._class_token_heads_as_rows`), side by side.
+form against the heads-as-rows form (`fastpath.FastAttention._class_token_heads_as_rows`), side by side.
 
     python benchmarks/class_token_attention.py                       # head sizes 8 and 16, fp32 and bf16
     python benchmarks/class_token_attention.py --batch 64 --head-dims 8 --json
@@ -28,7 +28,7 @@ def per_head(attn, q, k, v):
 
 
 def heads_as_rows(attn, q, k, v):
-    return attn._class_token_heads_as_rows(q, k, v)[0]
+    return attn._class_token_heads_as_rows(q, k, v)
 
 
 def main() -> None:
@@ -41,7 +41,9 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch._dynamo.config.recompile_limit = 64  # one compiled function per form, many shapes
+    from vitscope import RuntimeConfig
     from vitscope.device import cpu_name
+    from vitscope.fastpath import FastAttention
     from vitscope.model import Attention
 
     heads, tokens = 4, 17
@@ -49,6 +51,7 @@ def main() -> None:
         for dtype_name in args.dtypes:
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
             attn = Attention(heads * head_dim, heads)
+            FastAttention.adopt(attn, RuntimeConfig(attention="explicit"))
             torch.manual_seed(0)
             q = torch.randn(args.batch, 1, heads * head_dim, dtype=dtype)
             k, v = (torch.randn(args.batch, tokens, heads * head_dim, dtype=dtype) for _ in range(2))

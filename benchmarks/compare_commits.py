@@ -50,14 +50,23 @@ def build_step(package: str, preset: str, batch: int, size: str | None = None):
     if size:
         from throughput import size_preset  # this folder's
         recipe = size_preset(recipe, size, config)
-    train_config = dataclasses.replace(recipe.train, compile="on", batch_size=batch or recipe.train.batch_size)
     device = torch.device("cpu")
-    precision = device_module.select_precision(train_config.precision, device)
     torch.manual_seed(0)
-    model = model_module.build_model(recipe.model)
-    optimizer = train.make_optimizer(model, train_config)
-    step = train.make_train_step(model, optimizer, train.make_scheduler(optimizer, train_config, 10**6),
-                                 train_config, recipe.model, device, precision)
+    if hasattr(config, "RuntimeConfig"):  # the runtime settings in a config of their own
+        runtime = dataclasses.replace(recipe.runtime, compile="on")
+        train_config = dataclasses.replace(recipe.train, batch_size=batch or recipe.train.batch_size)
+        precision = device_module.select_precision(runtime.precision, device)
+        model = model_module.build_model(recipe.model, runtime)
+        optimizer = train.make_optimizer(model, train_config, runtime)
+        step = train.make_train_step(model, optimizer, train.make_scheduler(optimizer, train_config, 10**6),
+                                     train_config, runtime, recipe.model, device, precision)
+    else:  # commits before the split: the runtime settings in TrainConfig and ViTConfig
+        train_config = dataclasses.replace(recipe.train, compile="on", batch_size=batch or recipe.train.batch_size)
+        precision = device_module.select_precision(train_config.precision, device)
+        model = model_module.build_model(recipe.model)
+        optimizer = train.make_optimizer(model, train_config)
+        step = train.make_train_step(model, optimizer, train.make_scheduler(optimizer, train_config, 10**6),
+                                     train_config, recipe.model, device, precision)
     images = torch.randint(0, 256, (train_config.batch_size, 28, 28), dtype=torch.uint8)
     labels = torch.randint(0, 10, (train_config.batch_size,))
     for _ in range(10):  # compiles
@@ -76,7 +85,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=0.8, help="about this long per window")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    from vitscope.device import cpu_name, keep_freed_memory
+    from vitscope.device import cpu_name
+    from vitscope.process import keep_freed_memory
 
     keep_freed_memory()  # as `vitscope train` does (one process: every commit's step runs with it)
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,5 +1,5 @@
 """Milliseconds of the MLP's GELU, forward and backward, in its CPU forms side by side: the one-exp GELU as
-torch ops compiled by inductor (model._OneExpGELU's formula) and vitscope's kernel (vitscope.cpu_gelu).
+torch ops compiled by inductor (fastpath.OneExpGELU's formula) and vitscope's kernel (vitscope.cpu_gelu).
 
     python benchmarks/gelu_kernel.py                        # the mid size's MLP input (12,800 x 512), bf16 and fp32
     python benchmarks/gelu_kernel.py --shape 4352,256 --json   # fast's (256 images x 17 tokens, MLP 256)
@@ -26,7 +26,7 @@ def main() -> None:
     args = ap.parse_args()
     from vitscope import cpu_gelu, cpu_kernels
     from vitscope.device import cpu_name
-    from vitscope.model import _INV_SQRT_2PI, _normal_cdf_and_exp
+    from vitscope.fastpath import _INV_SQRT_2PI, _normal_cdf_and_exp
 
     if not cpu_kernels.available():
         raise SystemExit(f"no CPU kernels here: {cpu_kernels.unavailable_reason()}")

@@ -1,6 +1,6 @@
 """Milliseconds of a linear layer's pieces at the mid size's MLP shape (12,800 tokens, 128 -> 512, bf16): the
 bias added by ATen's addmm against a plain matmul, with the GELU kernel after it (adding the bias itself, as
-`ViTConfig.bias_in_kernels` runs it), and the weight's gradient dW = dY^T X with dY^T a transposed view (as
+`RuntimeConfig.bias_in_kernels` runs it), and the weight's gradient dW = dY^T X with dY^T a transposed view (as
 autograd computes it) against a contiguous copy (made beforehand, or in the timed call), against dW^T = X^T dY,
 and the input's gradient dX = dY W beside it, with dY stored as usual and stored transposed (what a kernel that
 wrote only dY^T would leave the layer's backward).
@@ -31,7 +31,8 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     from vitscope import cpu_gelu, cpu_kernels
-    from vitscope.device import cpu_name, keep_freed_memory
+    from vitscope.device import cpu_name
+    from vitscope.process import keep_freed_memory
 
     keep_freed_memory()  # as `vitscope train` does
     generator = torch.Generator().manual_seed(0)

@@ -1,5 +1,5 @@
 """Page faults, kernel time and milliseconds per training step with glibc's default malloc against
-`vitscope.device.keep_freed_memory`, in alternating processes (the setting is per process).
+`vitscope.process.keep_freed_memory`, in alternating processes (the setting is per process).
 
     python benchmarks/malloc_pages.py                      # the fast preset, 4 processes of each
     python benchmarks/malloc_pages.py --preset seed --pairs 3 --json
@@ -26,21 +26,23 @@ import torch
 def measure(preset_name: str, keep: bool, windows: int, steps: int) -> dict:
     from vitscope.config import PRESETS
     from vitscope.data import load_dataset, random_close, random_rotate_scale, random_shift, random_stroke
-    from vitscope.device import cpu_name, keep_freed_memory, select_precision
+    from vitscope.device import cpu_name, select_precision
     from vitscope.model import build_model
+    from vitscope.process import keep_freed_memory
     from vitscope.train import make_optimizer, make_scheduler, make_train_step
 
     applied = keep_freed_memory() if keep else False
     preset = PRESETS[preset_name]
-    recipe, model_config = dataclasses.replace(preset.train, compile="on"), preset.model
+    recipe, model_config = preset.train, preset.model
+    runtime = dataclasses.replace(preset.runtime, compile="on")
     data = load_dataset(recipe.dataset, recipe.data_dir)
     device = torch.device("cpu")
-    precision = select_precision(recipe.precision, device)
+    precision = select_precision(runtime.precision, device)
     torch.manual_seed(0)
-    model = build_model(model_config)
-    optimizer = make_optimizer(model, recipe)
-    step = make_train_step(model, optimizer, make_scheduler(optimizer, recipe, 10**6), recipe, model_config,
-                           device, precision)
+    model = build_model(model_config, runtime)
+    optimizer = make_optimizer(model, recipe, runtime)
+    step = make_train_step(model, optimizer, make_scheduler(optimizer, recipe, 10**6), recipe, runtime,
+                           model_config, device, precision)
     generator = torch.Generator().manual_seed(0)
     order = torch.randperm(len(data.train_labels), generator=generator)
     batch = recipe.batch_size

@@ -30,37 +30,38 @@ def main() -> None:
     ap.add_argument("--size", choices=["seed", "mid"], help="throughput.py's model size and step, not a preset's")
     ap.add_argument("--precision", default="", help="fp32 or bf16 (default: the preset's, as `vitscope train`)")
     ap.add_argument("--shapes", action="store_true", help="also the matmuls by shape, with GFLOP/s")
-    ap.add_argument("--attention", default="explicit", help="with --size: the ViTConfig.attention form")
+    ap.add_argument("--attention", default="explicit", help="with --size: the RuntimeConfig.attention form")
     args = ap.parse_args()
     import torch._inductor.config
     torch._inductor.config.cpp.enable_kernel_profile = True  # each generated kernel a profiler event
-    from vitscope import device as vitscope_device
     from vitscope.config import PRESETS
     from vitscope.device import cpu_name, select_precision
     from vitscope.model import build_model
+    from vitscope.process import keep_freed_memory
     from vitscope.train import make_optimizer, make_scheduler, make_train_step
 
-    if hasattr(vitscope_device, "keep_freed_memory"):  # as `vitscope train` does (versions before it had none)
-        vitscope_device.keep_freed_memory()
+    keep_freed_memory()  # as `vitscope train` does
     if args.size:
         from throughput import SIZES  # this folder's
-        from vitscope import TrainConfig, ViTConfig
-        model_config = ViTConfig(attention=args.attention, **SIZES[args.size])
-        recipe = TrainConfig(optimizer="adamw", lr=1e-3, compile="on", batch_size=args.batch or 256)
+        from vitscope import RuntimeConfig, TrainConfig, ViTConfig
+        model_config = ViTConfig(**SIZES[args.size])
+        recipe = TrainConfig(optimizer="adamw", lr=1e-3, batch_size=args.batch or 256)
+        runtime = RuntimeConfig(attention=args.attention, compile="on")
         name = f"{args.size} size"
     else:
         preset = PRESETS[args.preset]
         model_config = preset.model
-        recipe = dataclasses.replace(preset.train, compile="on", batch_size=args.batch or preset.train.batch_size)
+        recipe = dataclasses.replace(preset.train, batch_size=args.batch or preset.train.batch_size)
+        runtime = dataclasses.replace(preset.runtime, compile="on")
         name = args.preset
     batch = recipe.batch_size
     device = torch.device("cpu")
-    precision = select_precision(args.precision or recipe.precision, device)
+    precision = select_precision(args.precision or runtime.precision, device)
     torch.manual_seed(0)
-    model = build_model(model_config)
-    optimizer = make_optimizer(model, recipe)
-    step = make_train_step(model, optimizer, make_scheduler(optimizer, recipe, 10**6), recipe, model_config,
-                           device, precision)
+    model = build_model(model_config, runtime)
+    optimizer = make_optimizer(model, recipe, runtime)
+    step = make_train_step(model, optimizer, make_scheduler(optimizer, recipe, 10**6), recipe, runtime,
+                           model_config, device, precision)
     images = torch.randint(0, 256, (batch, 28, 28), dtype=torch.uint8)
     labels = torch.randint(0, 10, (batch,))
     for _ in range(10):

@@ -41,18 +41,19 @@ def main() -> None:
                     "whole (the whole step compiled)")
     ap.add_argument("--last-block", choices=["class", "all", "both"], default="both",
                     help="the last block for the class token alone, for every token, or both")
-    ap.add_argument("--attention", default="", help="comma-separated ViTConfig.attention forms, each a variant "
-                    "(default: the preset's own)")
-    ap.add_argument("--gelu", default="", help="comma-separated ViTConfig.gelu forms, each a variant")
+    ap.add_argument("--attention", default="", help="comma-separated RuntimeConfig.attention forms, each a "
+                    "variant (default: the preset's own)")
+    ap.add_argument("--gelu", default="", help="comma-separated RuntimeConfig.gelu forms, each a variant")
     ap.add_argument("--bias-in-kernels", default="", help="comma-separated on/off, each a variant of "
-                    "ViTConfig.bias_in_kernels")
+                    "RuntimeConfig.bias_in_kernels")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     from vitscope.config import PRESETS
-    from vitscope.device import cpu_name, keep_freed_memory, select_precision
+    from vitscope.device import cpu_name, select_precision
     from vitscope.model import build_model
+    from vitscope.process import keep_freed_memory
     from vitscope.train import make_optimizer, make_scheduler, make_train_step
 
     keep_freed_memory()  # as `vitscope train` does
@@ -62,7 +63,7 @@ def main() -> None:
         from vitscope import config
         preset = size_preset(preset, args.size, config)
     device = torch.device("cpu")
-    precisions = args.precision.split(",") if args.precision else [select_precision(preset.train.precision, device)]
+    precisions = args.precision.split(",") if args.precision else [select_precision(preset.runtime.precision, device)]
     batch = args.batch or preset.train.batch_size
     images = torch.randint(0, 256, (batch, 28, 28), dtype=torch.uint8)
     labels = torch.randint(0, 10, (batch,))
@@ -71,20 +72,20 @@ def main() -> None:
              "whole": dict(compile="on", compile_whole_step=True)}
     names = {"eager": "eager", "forward": "compiled forward", "whole": "compiled whole step"}
     last_blocks = {"class": [True], "all": [False], "both": [False, True]}[args.last_block]
-    attentions = args.attention.split(",") if args.attention else [preset.model.attention]
-    gelus = args.gelu.split(",") if args.gelu else [preset.model.gelu]
+    attentions = args.attention.split(",") if args.attention else [preset.runtime.attention]
+    gelus = args.gelu.split(",") if args.gelu else [preset.runtime.gelu]
     biases = [value == "on" for value in args.bias_in_kernels.split(",")] if args.bias_in_kernels else [
-        preset.model.bias_in_kernels]
+        preset.runtime.bias_in_kernels]
     for mode, class_token_only, attention, gelu, bias_in_kernels, precision in itertools.product(
             args.modes.split(","), last_blocks, attentions, gelus, biases, precisions):
-        model_config = dataclasses.replace(preset.model, last_block_class_token_only=class_token_only,
-                                           attention=attention, gelu=gelu, bias_in_kernels=bias_in_kernels)
-        recipe = dataclasses.replace(preset.train, batch_size=batch, **modes[mode])
+        runtime = dataclasses.replace(preset.runtime, last_block_class_token_only=class_token_only,
+                                      attention=attention, gelu=gelu, bias_in_kernels=bias_in_kernels, **modes[mode])
+        recipe = dataclasses.replace(preset.train, batch_size=batch)
         torch.manual_seed(0)
-        model = build_model(model_config)
-        optimizer = make_optimizer(model, recipe)
-        step = make_train_step(model, optimizer, make_scheduler(optimizer, recipe, 10**6), recipe,
-                               model_config, device, precision)
+        model = build_model(preset.model, runtime)
+        optimizer = make_optimizer(model, recipe, runtime)
+        step = make_train_step(model, optimizer, make_scheduler(optimizer, recipe, 10**6), recipe, runtime,
+                               preset.model, device, precision)
         for _ in range(3):
             step(images, labels)
         last_block = ", last block class token only" if class_token_only else ", whole last block"

@@ -39,14 +39,18 @@ IMPLS = ["vitscope", "hf", "vit-pytorch", "timm"]
 
 def size_preset(preset, size_name: str, config_module):
     """`preset` with a model size of this file's and the recipe of its vitscope step (AdamW at lr 1e-3, batch
-    256), from `config_module`'s classes (vitscope.config, or another commit's in compare_commits.py)."""
-    return dataclasses.replace(preset, name=f"{size_name} size", model=config_module.ViTConfig(**SIZES[size_name]),
-                               train=config_module.TrainConfig(optimizer="adamw", lr=1e-3, batch_size=256))
+    256, the default runtime settings), from `config_module`'s classes (vitscope.config, or another commit's in
+    compare_commits.py; commits before the RuntimeConfig split kept those settings in TrainConfig)."""
+    sized = dataclasses.replace(preset, name=f"{size_name} size", model=config_module.ViTConfig(**SIZES[size_name]),
+                                train=config_module.TrainConfig(optimizer="adamw", lr=1e-3, batch_size=256))
+    if hasattr(config_module, "RuntimeConfig"):
+        sized = dataclasses.replace(sized, runtime=config_module.RuntimeConfig())
+    return sized
 
 
 def build_vitscope(size: dict, attention: str):
-    from vitscope import ViT, ViTConfig
-    return ViT(ViTConfig(attention=attention, **size))
+    from vitscope import RuntimeConfig, ViTConfig, build_model
+    return build_model(ViTConfig(**size), RuntimeConfig(attention=attention))
 
 
 def build_hf(size: dict, attention: str):
@@ -117,14 +121,14 @@ def peer_step(model, optimizer, dtype: str, compiled: bool | str, device: torch.
 
 
 def vitscope_step(model, dtype: str, compiled: bool | str, device: torch.device):
-    """compiled: False, True, or "cuda-graph" (compiled, and replayed as a CUDA graph: TrainConfig.cuda_graph)."""
-    from vitscope import TrainConfig
+    """compiled: False, True, or "cuda-graph" (compiled, and replayed as a CUDA graph: RuntimeConfig.cuda_graph)."""
+    from vitscope import RuntimeConfig, TrainConfig
     from vitscope.train import make_optimizer, make_scheduler, make_train_step
-    config = TrainConfig(optimizer="adamw", lr=1e-3, precision=dtype, compile=bool(compiled),
-                         cuda_graph=compiled == "cuda-graph")
-    optimizer = make_optimizer(model, config)
+    config = TrainConfig(optimizer="adamw", lr=1e-3)
+    runtime = RuntimeConfig(precision=dtype, compile=bool(compiled), cuda_graph=compiled == "cuda-graph")
+    optimizer = make_optimizer(model, config, runtime)
     scheduler = make_scheduler(optimizer, config, steps_per_epoch=10**6)
-    return make_train_step(model, optimizer, scheduler, config, model.config, device, dtype)
+    return make_train_step(model, optimizer, scheduler, config, runtime, model.config, device, dtype)
 
 
 def prepare(impl: str, size_name: str, batch: int, dtype: str, attention: str, compiled: bool | str, warmup: int,
@@ -187,7 +191,9 @@ def main():
     # Each implementation's settings share its step's code, and torch.compile caches graphs per code object:
     # past its default of 8 recompilations it would run the rest eager, with only a warning on stderr.
     torch._dynamo.config.recompile_limit = 64
-    from vitscope.device import avoid_known_compiler_bugs, cpu_has_native_bf16, cpu_name, keep_freed_memory
+    from vitscope.compiled import avoid_known_compiler_bugs
+    from vitscope.device import cpu_has_native_bf16, cpu_name
+    from vitscope.process import keep_freed_memory
     # `vitscope train` keeps freed memory in the process (no page faults per step); set here, it serves every
     # implementation of this one process alike.
     keep_freed_memory()

@@ -229,8 +229,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def console_main() -> None:
     """The `vitscope` command: `main`, then an immediate exit. Every file it wrote is closed by then, and
-    Python's own teardown of torch's modules would only cost time: 1.3-1.5 s after a compiled training run,
-    ~0.4 s after `vitscope eval` (benchmarks/RESULTS.md). Under a profiler or tracer (cProfile, coverage),
+    Python's own teardown of torch's modules would only cost time (docs/performance.md#process-overhead).
+    Under a profiler or tracer (cProfile, coverage),
     which write their results at exit, it exits the usual way."""
     code = main()
     if sys.getprofile() is not None or sys.gettrace() is not None:

@@ -29,7 +29,7 @@ def avoid_known_compiler_bugs(device: torch.device) -> list[str]:
     torch before 2.12 on CUDA: inductor's loop reordering after fusion fails an assertion on a graph that mixes
     `_foreach_*` ops with reductions over tensors of different shapes (pytorch/pytorch#176591, fixed by #176849),
     as every optimizer update of vitscope's does. Seen on an H100 with torch 2.11.0+cu130: every compiled step
-    failed and training ran eagerly (benchmarks/RESULTS.md). That pass is an optimisation; the step compiles
+    failed and training ran eagerly (docs/performance.md#compile-failure-on-cuda-before-torch-212). That pass is an optimisation; the step compiles
     without it. A CPU skips the pass anyway."""
     from torch._inductor import config
     from torch.torch_version import TorchVersion
@@ -64,7 +64,8 @@ class CompiledOrEager:
     the step compiled the usual way. Such a function
     checks its guards (every tensor's metadata, every constant) at each call; with `fingerprint`, a
     function of the call's arguments that changes whenever anything the guards check could, it checks them
-    only when the fingerprint is new (the guards cost ~5% of a `seed` preset's step of ~5 ms)."""
+    only when the fingerprint is new (checking them costs a noticeable share of a small step;
+    docs/performance.md#compiling)."""
 
     def __init__(self, fn, saved_as: str | None = None, fingerprint=None):
         self.fn, self.call, self.untried = fn, torch.compile(private_code(fn)), True
@@ -143,8 +144,8 @@ def precompiled(method, saved_as: str, args: tuple, kwargs: dict):
     fails (then torch.compile's usual path runs). `compiled` takes the method's object as its first
     argument; `GuardedOnChange` calls it.
 
-    Loading skips what a warm compile cache still costs each process: dynamo traces the Python again (~4 s
-    of the `fast` preset's step on the Zen 4 host; loading it takes ~1 s). The file's name is a hash of all
+    Loading skips what a warm compile cache still costs each process: dynamo tracing the Python again
+    (docs/performance.md#compiling). The file's name is a hash of all
     the compiled code may depend on: torch, Python, the CPU's vector ISA, vitscope's source, the names of its
     custom ops, `saved_as`, the arguments' structure (tensors' shapes, dtypes and devices; other values as
     they are), the autocast state and inductor's settings. The function's own guards are checked too
@@ -247,10 +248,9 @@ def reuse_vec_isa_probe() -> None:
     """Spare torch.compile its CPU vector-ISA probes in every process but the first.
 
     Inductor checks each vector ISA the CPU's flags claim (AVX2, AVX-512, ...) by building a test library
-    and loading it in a new Python process: 1.2 s of every compiled run on the Zen 4 host (cProfile), with a
-    warm compile cache. Some ISAs then check their extensions the same way, whatever `vec_isa_ok` says
-    (AVX-512 BF16, VNNI, AMX and AMX-FP16 in torch 2.13: six child processes, 0.54 s of every first step on
-    the Intel host under cProfile). The first process runs the probes and records which ISAs passed and which
+    and loading it in a new Python process, and some ISAs then check their extensions the same way, whatever
+    `vec_isa_ok` says (AVX-512 BF16, VNNI, AMX and AMX-FP16 in torch 2.13): seconds of every compiled run
+    (docs/performance.md#compiling). The first process runs the probes and records which ISAs passed and which
     of those checks passed, keyed by the torch build, the Python, the C++ compiler and the CPU's flags. Where
     every claimed ISA passed, this and every later process with the same key tell inductor so
     (`config.cpp.vec_isa_ok`); a check recorded as passed is not run again (`_recorded_checks`). Where an ISA

@@ -3,7 +3,7 @@ as the custom op `vitscope::attention_<version>` so that torch.compile, torch.fu
 opaque op with a known output shape.
 
 At the seed size (17 tokens, head size 8), ATen's batched matmuls, softmax and the q/k/v layout copies take
-35-43% of a compiled training step (benchmarks/RESULTS.md). The kernel reads q, k and v where the qkv
+35-43% of a compiled training step (docs/performance.md#attention-kernel). The kernel reads q, k and v where the qkv
 projection wrote them and keeps each image's scores in the cache.
 
 Where the kernels cannot be built, `available()` is False and the model falls back to the explicit form: the

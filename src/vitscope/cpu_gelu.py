@@ -1,13 +1,12 @@
 """The exact GELU and its gradient on a CPU as one kernel per direction (`kernels/gelu.cpp`, through
 cpu_kernels), registered as custom ops for torch.compile, torch.func and autograd, as cpu_attention's are.
 
-It computes what model._OneExpGELU computes in torch ops (one exp shared by GELU and its slope), without the
-vector division and Sleef exp that inductor generates from those ops. Mid-size MLP input (12,800 x 512), bf16,
-Intel host: forward 4.95 -> 3.52 ms, backward 5.38 -> 3.64 ms against the compiled torch ops
-(benchmarks/gelu_kernel.py, benchmarks/RESULTS.md). cpu_kernels.supports says which tensors it takes.
+It computes what fastpath.OneExpGELU computes in torch ops (one exp shared by GELU and its slope), without the
+vector division and Sleef exp that inductor generates from those ops (docs/performance.md#gelu-kernel).
+cpu_kernels.supports says which tensors it takes.
 
 It also takes the bias of the linear layer before it, GELU(x + bias), so that layer can run as a plain matmul
-(model.MLP): the backward then returns the bias's gradient too, summed as the kernel writes x's.
+(fastpath.FastMLP): the backward then returns the bias's gradient too, summed as the kernel writes x's.
 """
 from __future__ import annotations
 

@@ -140,7 +140,6 @@ def supports(x: torch.Tensor) -> bool:
 
 def faster_here() -> bool:
     """Whether "auto" settings should pick the kernels on this CPU: where it has AVX-512, whose 16-wide vectors
-    and register transposes they were measured with. Built for AVX2 alone (-march=x86-64-v3, run on the Zen 4
-    host), the attention kernel made the compiled `seed` step slower, not faster (0.82x at batch 256, 0.94x at
-    the preset's 64, fp32; benchmarks/RESULTS.md)."""
+    and register transposes they were measured with. Built for AVX2 alone the attention kernel made the
+    compiled step slower, not faster (docs/performance.md#without-avx-512)."""
     return "avx512f" in cpu_flags()

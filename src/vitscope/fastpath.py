@@ -27,13 +27,13 @@ from .config import RuntimeConfig, ViTConfig
 from .model import MLP, Attention, ViT, flops_per_image
 
 # "auto" attention on an AVX-512 CPU runs the kernel's lane form up to this head size and its row form at
-# multiples of cpu_attention.ROW_FORM_MULTIPLE: where it measured faster (docs/performance.md#attention-kernel).
+# multiples of cpu_attention.ROW_FORM_MULTIPLE: where it measured faster (docs/performance.md#which-head-sizes).
 KERNEL_HEAD_DIM_MAX = 8
 # Below this head size the class token's attention runs with the heads as the rows of one matrix
 # (docs/performance.md#class-token-attention).
 HEADS_AS_ROWS_BELOW = 16
 # "auto" GELU runs the kernel for inputs of at least this many elements: a call out of the compiled graph costs
-# more than it gains on smaller ones (docs/performance.md#gelu-kernel).
+# more than it gains on smaller ones (docs/performance.md#gelu-kernel-threshold).
 GELU_KERNEL_MIN_ELEMENTS = 1 << 21
 
 

@@ -25,10 +25,9 @@ def keep_freed_memory() -> bool:
     """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the kernel.
 
     By default glibc serves large blocks with fresh mappings and trims the top of its heap once enough of
-    it is free, so a training step's tensors of a few MB come back, step after step, as new zeroed pages.
-    On the `fast` preset that was 800-5,000 page faults and 2-10 ms of kernel time per step (Zen 4 host);
-    with blocks up to 32 MiB served from the heap and trimming only past 1 GiB free, none, and the step was
-    faster in 6 of 8 alternated pairs of processes (benchmarks/malloc_pages.py). Freed memory then stays
+    it is free, so a training step's tensors of a few MB come back, step after step, as new zeroed pages:
+    thousands of page faults per step. With blocks up to 32 MiB served from the heap and trimming only past
+    1 GiB free there are none (docs/performance.md#page-faults-and-malloc). Freed memory then stays
     with the process: its resident size stays at its peak. Linux with glibc only; a user's own MALLOC_*_
     settings win. Returns whether the settings were applied."""
     libc_version = os.confstr("CS_GNU_LIBC_VERSION") if hasattr(os, "confstr") else None  # "glibc 2.36"

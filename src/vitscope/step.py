@@ -56,7 +56,7 @@ def make_train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sc
 
     def train_step(images: torch.Tensor, labels: torch.Tensor):
         # Autocast around the compiled call, not in it: a graph that enters autocast itself is never taken
-        # from the compile cache (torch 2.13), which costs ~4 s of tracing in every new process.
+        # from the compile cache (torch 2.13), which costs seconds of tracing in every new process.
         with autocast(device, precision):
             loss, hits = forward_and_loss(images, labels)
         optimizer.zero_grad(set_to_none=True)

@@ -6,7 +6,7 @@
 //
 // At the seed size (17 tokens of head size 8), ATen runs this core as 1024 matmuls of 17x17x8 per layer at
 // ~25 GFLOP/s, and softmax and the q/k/v layouts are more passes over memory: 35-43% of a compiled training
-// step (benchmarks/RESULTS.md). Here the scores never leave the cache and q, k and v are read where the qkv
+// step (docs/performance.md#attention-kernel). Here the scores never leave the cache and q, k and v are read where the qkv
 // projection wrote them, (B, T, 3, H, d); the output is written as (B, T, H, d), the layout the output
 // projection reads. The forward saves the probabilities, and the backward reads them and writes the gradient
 // of the whole qkv tensor in its own layout.

@@ -1,8 +1,8 @@
 // The exact (erf) GELU and its gradient on a CPU, for the MLP of a training step: GELU(x) = x Phi(x), with
-// slope Phi(x) + x phi(x). As model._OneExpGELU does in torch ops, Phi comes from Abramowitz & Stegun 7.1.26,
+// slope Phi(x) + x phi(x). As fastpath.OneExpGELU does in torch ops, Phi comes from Abramowitz & Stegun 7.1.26,
 // whose exp(-x^2 / 2) phi reuses; here the A&S reciprocal is a 14-bit estimate refined by one Newton step
 // instead of a division, and exp is numerics.h's polynomial. What inductor generates from the torch ops
-// spends most of its time in Sleef's exp and a vector division (benchmarks/RESULTS.md).
+// spends most of its time in Sleef's exp and a vector division (docs/performance.md#gelu-kernel).
 //
 // The GELU of a linear layer's output takes the layer's bias too, so the layer can be a plain matmul: ATen's
 // addmm with a bias first copies the bias into every row of its output and then adds the product to it, two
