@@ -29,8 +29,8 @@ def avoid_known_compiler_bugs(device: torch.device) -> list[str]:
     torch before 2.12 on CUDA: inductor's loop reordering after fusion fails an assertion on a graph that mixes
     `_foreach_*` ops with reductions over tensors of different shapes (pytorch/pytorch#176591, fixed by #176849),
     as every optimizer update of vitscope's does. Seen on an H100 with torch 2.11.0+cu130: every compiled step
-    failed and training ran eagerly (docs/performance.md#compile-failure-on-cuda-before-torch-212). That pass is an optimisation; the step compiles
-    without it. A CPU skips the pass anyway."""
+    failed and training ran eagerly (docs/performance.md#compile-failure-on-cuda-before-torch-212). That pass
+    is an optimisation; the step compiles without it. A CPU skips the pass anyway."""
     from torch._inductor import config
     from torch.torch_version import TorchVersion
 
