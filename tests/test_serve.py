@@ -380,7 +380,9 @@ class PageWatch:
                 and urlsplit(url).hostname != "127.0.0.1"]
 
     def wait_for_label(self, label: str) -> str:
+        """Waits for the last answer (none still due or on its way) to be `label`; returns its probability."""
         self.page.wait_for_function(f"document.body.dataset.state === 'predicted' && "
+                                    f"document.getElementById('answer').getAttribute('aria-busy') === 'false' && "
                                     f"document.getElementById('label').textContent === '{label}'", timeout=15_000)
         return self.page.text_content("#confidence")
 
@@ -432,8 +434,8 @@ def test_page_on_a_desktop_draw_clear_open_and_drop_files(browser, server, tmp_p
     assert rollout.std() > 10  # a map, not a blank
     assert page.is_hidden("#hint")
     before = watch.canvas_pixels("attention")
-    page.select_option("#layer", "0")
-    page.select_option("#head", "1")
+    page.select_option("#layer", index=0)
+    page.select_option("#head", index=2)  # head 2
     assert "on the patches" in page.text_content("#attention-note")
     assert not np.array_equal(before, watch.canvas_pixels("attention"))  # another layer's and head's map
     screenshot(page, "serve-desktop-one.png")
@@ -474,8 +476,10 @@ def test_page_on_a_desktop_draw_clear_open_and_drop_files(browser, server, tmp_p
     page.wait_for_function("document.body.dataset.state === 'error'")
     assert "not an image" in page.text_content("#error")
 
-    # A 7 in one stroke with a corner, for the README's picture.
+    # A 7 in one stroke with a corner, for the README's picture: the last layer's heads averaged, as at the start.
     page.click("#clear")
+    page.select_option("#layer", index=3)  # the last
+    page.select_option("#head", index=0)  # mean
     draw_with_mouse(page, (0.25, 0.2), (0.75, 0.2), (0.45, 0.85))
     watch.wait_for_label("7")
     page.evaluate("document.activeElement.blur()")

@@ -88,7 +88,13 @@ for (const type of ["touchstart", "touchmove"]) pad.addEventListener(type, (even
 function schedulePrediction(delay = PREDICT_INTERVAL_MS) {
   if (timer !== null && delay > 0) return; // one is already due: throttled, not postponed
   clearTimeout(timer);
-  timer = setTimeout(() => { timer = null; predictDrawing(); }, delay);
+  timer = setTimeout(() => { timer = null; predictDrawing(); updateBusy(); }, delay);
+  updateBusy();
+}
+
+// aria-busy on the answer while a prediction is due or on its way: what is shown may be about to change.
+function updateBusy() {
+  $("answer").setAttribute("aria-busy", String(inFlight || pending || timer !== null));
 }
 
 function predictDrawing() {
@@ -101,6 +107,7 @@ function predictDrawing() {
 
 async function send(body, contentType, asked) {
   inFlight = true;
+  updateBusy();
   try {
     const response = await fetch("api/predict", {method: "POST", headers: {"Content-Type": contentType}, body});
     const answer = await response.json().catch(() => ({error: `the server answered ${response.status}`}));
@@ -111,6 +118,7 @@ async function send(body, contentType, asked) {
   } finally {
     inFlight = false;
     if (pending) { pending = false; predictDrawing(); }
+    updateBusy();
   }
 }
 
@@ -179,6 +187,7 @@ function resetAll() {
   $("empty").hidden = false;
   blankMaps();
   document.body.dataset.state = "empty";
+  updateBusy();
 }
 
 function fillPickers(layers, heads) {
@@ -308,6 +317,7 @@ async function showRun() {
     if (run.preset) parts.push(`${escapeHtml(run.preset)} preset`);
     if (typeof run.test_accuracy === "number") parts.push(`${(100 * run.test_accuracy).toFixed(2)}% MNIST test accuracy`);
     if (model.depth) {
+      fillPickers(model.depth, model.heads);
       const grid = model.image_size / model.patch_size;
       parts.push(`${model.depth} layers × ${model.heads} heads, ${grid * grid} patches of ` +
                  `${model.patch_size}×${model.patch_size} px`);
