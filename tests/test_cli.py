@@ -21,7 +21,7 @@ def assert_user_error(p, *words):
 def test_version_and_help():
     p = run_cli("--version")
     assert p.returncode == 0 and __version__ in p.stdout
-    for command in ("train", "eval", "data", "analyze", "predict", "export"):
+    for command in ("train", "eval", "data", "analyze", "predict", "export", "serve"):
         assert run_cli(command, "--help").returncode == 0
 
 

@@ -70,9 +70,9 @@ def run_installed(installed, *args, cwd):
                           stdin=subprocess.DEVNULL)
 
 
-def test_the_wheel_holds_every_kernel_source_and_bundled_model_file(wheel):
+def test_the_wheel_holds_every_kernel_source_bundled_model_and_web_file(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    for folder in ("kernels", "bundled"):
+    for folder in ("kernels", "bundled", "web"):
         files = [f for f in (PACKAGE / folder).rglob("*") if f.is_file() and "__pycache__" not in f.parts]
         assert files, folder
         for file in files:

@@ -122,3 +122,37 @@ def test_cli_missing_model_is_one_line(tmp_path):
     p = run_cli("predict", "--model", tmp_path / "no-run", image)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.strip().count("\n") == 0 and "no run directory" in p.stderr
+
+
+def test_sixteen_bit_colour_arrays_are_scaled_not_clipped(bundled):
+    eight_bit = np.asarray(drawn(7)) // 2 + 60  # (H, W, 3) uint8: grey ink (60) on light grey paper (187)
+    sixteen_bit = eight_bit.astype(np.uint16) * 257  # the same picture at 16 bits: every value over 255
+    (prediction,) = vitscope.predict(bundled, [sixteen_bit])
+    assert prediction.label == 7
+    assert prediction.probs == pytest.approx(vitscope.predict(bundled, [eight_bit])[0].probs, abs=1e-6)
+
+
+def test_predict_takes_a_files_bytes(bundled, tmp_path):
+    path = tmp_path / "one.png"
+    drawn(1).save(path)
+    assert vitscope.predict(bundled, path.read_bytes())[0].label == 1
+
+
+def test_an_unforeseen_decoder_error_is_that_files_error(bundled, tmp_path, monkeypatch):
+    import vitscope.preprocess
+    good, cursed = tmp_path / "seven.png", tmp_path / "cursed.png"
+    drawn(7).save(good)
+    drawn(0).save(cursed)
+    real_open = vitscope.preprocess.Image.open
+
+    def open_or_fail(fp, *args, **kwargs):
+        if fp.getvalue() == cursed.read_bytes():
+            raise IndexError("list index out of range")  # as a crafted file can make a Pillow plugin do
+        return real_open(fp, *args, **kwargs)
+
+    monkeypatch.setattr(vitscope.preprocess.Image, "open", open_or_fail)
+    results = vitscope.prediction.predict_files(bundled, [cursed, good])
+    assert "IndexError" in results[0]["error"] and "label" not in results[0]
+    assert results[1]["label"] == 7
+    with pytest.raises(VitscopeError, match="cursed.png: cannot read this image"):
+        vitscope.predict(bundled, [good, cursed])

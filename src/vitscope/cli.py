@@ -120,6 +120,13 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .serve import serve
+
+    serve(args.run, args.host, args.port)
+    return 0
+
+
 def build_parser() -> ArgumentParser:
     from .config import DEFAULT_PRESET, PRESETS
 
@@ -208,6 +215,19 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--format", required=True, choices=["onnx", "hf"], help="onnx or hf (Hugging Face transformers)")
     p.add_argument("--out", required=True, type=Path, help="the .onnx file, or the directory for --format hf")
     p.set_defaults(func=cmd_export)
+
+    p = commands.add_parser("serve", help="a web page to draw a digit and watch the ViT attend, and its JSON API",
+                            description="Serve a web page where you draw a digit (mouse, pen or touch) or drop an "
+                            "image file and see the model's top classes, the 28x28 image it saw, the attention "
+                            "rollout over it and each layer's and head's class-token attention; and the JSON API "
+                            "behind it (POST /api/predict, GET /api/model, GET /api/health; schema at "
+                            "/openapi.json). Works offline. Needs: pip install 'vitscope[serve]'.")
+    p.add_argument("run", nargs="?", type=Path, metavar="RUN",
+                   help="run directory (default: the small fast-preset model shipped in the package)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to others)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 picks a free one)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

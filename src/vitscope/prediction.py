@@ -16,7 +16,7 @@ from PIL import Image
 
 from .errors import VitscopeError
 from .evaluate import logits_of
-from .preprocess import ImageRejected, mnist_style, read_image
+from .preprocess import ImageRejected, decode_image, mnist_style, read_image
 from .rundir import load_run
 
 BUNDLED_RUN = Path(__file__).parent / "bundled"
@@ -34,13 +34,18 @@ def load_model(model: torch.nn.Module | str | Path | None = None) -> torch.nn.Mo
     return load_run(BUNDLED_RUN if model is None else model)[0]
 
 
-def to_pil(image: Image.Image | str | Path | np.ndarray) -> Image.Image:
-    """A PIL image from a PIL image, a file path, or an array (H, W) or (H, W, 3|4): uint8, uint16, or
-    floats in [0, 1]. Raises ImageRejected for a file or array that cannot be used."""
+ImageSource = Image.Image | str | Path | bytes | np.ndarray
+
+
+def to_pil(image: ImageSource) -> Image.Image:
+    """A PIL image from a PIL image, a file path, a file's bytes, or an array (H, W) or (H, W, 3|4): uint8,
+    uint16, or floats in [0, 1]. Raises ImageRejected for a file or array that cannot be used."""
     if isinstance(image, Image.Image):
         return image
     if isinstance(image, (str, Path)):
         return read_image(image)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return decode_image(bytes(image))
     array = np.asarray(image)
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
@@ -48,6 +53,10 @@ def to_pil(image: Image.Image | str | Path | np.ndarray) -> Image.Image:
         raise ImageRejected(f"an array image must be (H, W) or (H, W, 3 or 4), not {array.shape}")
     if array.dtype == np.uint16 and array.ndim == 2:
         return Image.fromarray(array)  # 16-bit grayscale, scaled by preprocessing
+    if array.dtype == np.uint16:
+        # 16-bit colour: PIL has no such mode, so it is scaled to 8 bits here (65535 -> 255); clipped at 255
+        # instead, all but the darkest pixels would be full white, and the digit gone.
+        return Image.fromarray((array / 257).round().astype(np.uint8))
     if array.dtype != np.uint8:
         floats = array.astype(np.float32)
         # Floats in [0, 1] (the usual for arrays), anything else taken as 0..255.
@@ -63,6 +72,20 @@ def model_input_size(model: torch.nn.Module) -> int:
     return config.image_size
 
 
+def model_input(image: ImageSource, size: int) -> np.ndarray:
+    """The uint8 (size, size) image the model sees for one user image, preprocessed MNIST-style. Raises
+    ImageRejected for anything wrong with this one image, including errors nobody foresaw in a decoder:
+    Pillow's six decoders are a large surface, a crafted file can make them raise almost anything (IndexError,
+    ZeroDivisionError, MemoryError, ...), and that is one file's problem, not the whole call's."""
+    try:
+        return mnist_style(to_pil(image), size)
+    except ImageRejected:
+        raise
+    except Exception as e:
+        detail = str(e).splitlines()[0] if str(e) else ""
+        raise ImageRejected(f"cannot read this image ({type(e).__name__}{': ' + detail if detail else ''})") from None
+
+
 def classify(model: torch.nn.Module, inputs: np.ndarray) -> torch.Tensor:
     """Preprocessed uint8 images (N, S, S) -> class probabilities (N, num_classes), fp32 on the CPU."""
     device = next(model.parameters()).device
@@ -70,20 +93,19 @@ def classify(model: torch.nn.Module, inputs: np.ndarray) -> torch.Tensor:
     return logits_of(model, torch.from_numpy(inputs), config.pixel_mean, config.pixel_std, device=device).softmax(-1)
 
 
-def predict(model: torch.nn.Module | str | Path | None,
-            images: Sequence[Image.Image | str | Path | np.ndarray] | Image.Image | str | Path | np.ndarray
+def predict(model: torch.nn.Module | str | Path | None, images: Sequence[ImageSource] | ImageSource
             ) -> list[Prediction]:
     """One Prediction(label, probs) per image. `model`: a loaded model, a run directory, or None for the
-    bundled one. `images`: PIL images, file paths or arrays (or one of them); each is preprocessed MNIST-style.
-    An image that cannot be used raises VitscopeError naming it."""
+    bundled one. `images`: PIL images, file paths, files' bytes or arrays (or one of them); each is
+    preprocessed MNIST-style. An image that cannot be used raises VitscopeError naming it."""
     model = load_model(model)
-    if isinstance(images, (Image.Image, str, Path, np.ndarray)):
+    if isinstance(images, (Image.Image, str, Path, bytes, bytearray, np.ndarray)):
         images = [images]
     size = model_input_size(model)
     inputs = []
     for index, image in enumerate(images):
         try:
-            inputs.append(mnist_style(to_pil(image), size))
+            inputs.append(model_input(image, size))
         except ImageRejected as e:
             name = image if isinstance(image, (str, Path)) else f"image {index}"
             raise VitscopeError(f"{name}: {e}") from None
@@ -100,7 +122,7 @@ def predict_files(model: torch.nn.Module, paths: Iterable[str | Path]) -> list[d
     results, inputs = [], []
     for path in paths:
         try:
-            inputs.append(mnist_style(read_image(path), size))
+            inputs.append(model_input(Path(path), size))
             results.append({"file": str(path)})
         except ImageRejected as e:
             results.append({"file": str(path), "error": str(e)})
