@@ -186,5 +186,5 @@ def test_time_budget_stops_starting_trials_and_another_base_is_refused(train_onl
     base = {**TINY, "epochs": 1, "dataset": "idx", "data_dir": str(train_only_dir)}
     study = sweep("seed", base, tmp_path / "s", time_budget=1e-3, log=lambda *a: None)
     assert len(study.trials) == 1 and study.trials[0].state.name == "COMPLETE"
-    with pytest.raises(VitscopeError, match="another base"):
+    with pytest.raises(VitscopeError, match="made by another command .base.train.epochs 1, not 2."):
         sweep("seed", {**base, "epochs": 2}, tmp_path / "s", trials=2, log=lambda *a: None)

@@ -182,8 +182,9 @@ def build_parser() -> ArgumentParser:
                             "drawn from the search space, and is judged by its accuracy on a validation split "
                             "carved from the training images; the test set is never read. Bad trials are pruned "
                             "after an epoch. Rerunning the same command continues the study to --trials finished "
-                            "trials. Writes OUT/trials.csv, OUT/search.png and OUT/best.toml, a --config file for "
-                            "vitscope train. Needs: pip install 'vitscope[sweep]'.")
+                            "trials; --seed also seeds the sampler, so the same command tries the same values. Writes "
+                            "OUT/trials.csv, OUT/search.png and OUT/best.toml, a --config file for vitscope train. "
+                            "Needs: pip install 'vitscope[sweep]'.")
     add_config_flags(p)
     p.add_argument("--space", help="TOML file of the fields to search: lr = {low = 1e-4, high = 1e-2, log = true}, "
                    "depth = {low = 2, high = 6}, batch_size = {choices = [64, 128]} (default: the preset's space)")

@@ -126,8 +126,11 @@ def parse_space(table: dict, preset: str, base: dict, source: str) -> dict:
                 raise ValueError(f"{name} is a {SEARCHABLE[name]} field: give {{choices = [..]}}")
         except (ValueError, TypeError) as e:
             raise VitscopeError(f"{source}: {name}: {e}") from None
-        for value in values:
-            resolve_config(preset, {**base, name: value})  # a wrong type or an invalid config: one line, now
+        for value in values:  # a wrong type or an invalid config: one line, now rather than in a trial
+            try:
+                resolve_config(preset, {**base, name: value})
+            except VitscopeError as e:
+                raise VitscopeError(f"{source}: {name} = {value!r}: {e}") from None
         space[name] = distribution
     return space
 
@@ -159,13 +162,19 @@ def open_study(storage: str, study_name: str, identity: dict):
     recorded = study.user_attrs.get("sweep")
     if recorded is None:
         study.set_user_attr("sweep", identity)
-    else:
-        for key, value in identity.items():
-            if recorded.get(key) != value:
-                raise VitscopeError(f"study {study_name!r} in {storage} was made with another {key} "
-                                    f"({json.dumps(recorded.get(key))}); rerun its own command, or pass another "
-                                    "--study or --out")
+    elif recorded != identity:
+        changes = differences(recorded, identity)
+        raise VitscopeError(f"study {study_name!r} in {storage} was made by another command ({'; '.join(changes[:3])}"
+                            f"{'; ...' if len(changes) > 3 else ''}): rerun that one, or pass another --study or --out")
     return study, rdb
+
+
+def differences(recorded, current, path: str = "") -> list[str]:
+    """Where two JSON values differ, as "base.train.epochs 1, not 2"."""
+    if isinstance(recorded, dict) and isinstance(current, dict):
+        return [change for key in sorted(recorded.keys() | current.keys())
+                for change in differences(recorded.get(key), current.get(key), f"{path}.{key}".lstrip("."))]
+    return [] if recorded == current else [f"{path} {json.dumps(recorded)}, not {json.dumps(current)}"]
 
 
 def _worker() -> dict:
@@ -177,7 +186,7 @@ def _has_exited(worker: dict | None) -> bool:
     if not worker or worker.get("host") != socket.gethostname():
         return False  # another machine's: its heartbeat tells
     if worker["pid"] == os.getpid():
-        return True  # a pid this very process has reused
+        return True  # that process is gone, and this one got its pid
     try:
         os.kill(worker["pid"], 0)
     except ProcessLookupError:
@@ -226,7 +235,7 @@ def sweep(preset: str, overrides: dict, out: str | Path, space_file: str | Path 
     """Run (or continue) a study until it holds `trials` finished (complete or pruned) trials, or until a trial
     ends past `time_budget` seconds, then write trials.csv, search.png and best.toml into `out`. `overrides` fix the
     base config every trial starts from; `validation` is the split that judges them (default: a sixth of the
-    training images, seed 0); `pruner` is optuna's (default: MedianPruner from epoch 2, after 5 trials).
+    training images, seed 0); `pruner` is optuna's (default: MedianPruner, after 5 trials).
     Returns the optuna Study."""
     if optuna is None:
         raise VitscopeError("vitscope sweep needs Optuna: pip install 'vitscope[sweep]'")
@@ -263,7 +272,8 @@ def sweep(preset: str, overrides: dict, out: str | Path, space_file: str | Path 
         study, rdb = open_study(storage, study_name or preset, json.loads(json.dumps(identity)))
         if not study.trials and (out / "trials").is_dir() and any((out / "trials").iterdir()):
             raise VitscopeError(f"{out / 'trials'} holds the trials of another study: pass another --out")
-        study.pruner = pruner or optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
+        # By default a trial stops after an epoch that ends below the median of earlier trials at that epoch.
+        study.pruner = pruner or optuna.pruners.MedianPruner(n_startup_trials=5)
         retried = retry_left_running(study, rdb)
         if retried:
             log(f"{'trials' if len(retried) > 1 else 'trial'} {', '.join(map(str, retried))} left running by a "
