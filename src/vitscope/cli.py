@@ -18,9 +18,9 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def cmd_train(args) -> int:
-    from .config import DEFAULT_PRESET, read_config_file, resolve_config
-    from .train import default_out, train
+def config_from_flags(args) -> tuple[str, dict]:
+    """(preset, overrides) of `add_config_flags`'s flags: the --config file's fields, the flags over them."""
+    from .config import DEFAULT_PRESET, read_config_file
 
     overrides = read_config_file(args.config) if args.config else {}
     flags = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
@@ -30,6 +30,14 @@ def cmd_train(args) -> int:
     overrides.update({k: v for k, v in flags.items() if v is not None})
     preset = args.preset or overrides.pop("preset", None) or DEFAULT_PRESET
     overrides.pop("preset", None)
+    return preset, overrides
+
+
+def cmd_train(args) -> int:
+    from .config import resolve_config
+    from .train import default_out, train
+
+    preset, overrides = config_from_flags(args)
     progress = not args.no_progress and sys.stderr.isatty()
     if args.resume:
         if args.out is None:
@@ -39,6 +47,18 @@ def cmd_train(args) -> int:
     model_config, train_config, runtime = resolve_config(preset, overrides)
     train(model_config, train_config, args.out or default_out(preset), preset=preset, progress=progress,
           runtime=runtime)
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from .data import ValidationSplit
+    from .sweep import default_sweep_out, sweep
+
+    preset, overrides = config_from_flags(args)
+    sweep(preset, overrides, out=args.out or default_sweep_out(preset), space_file=args.space, trials=args.trials,
+          time_budget=args.time_budget, storage=args.storage, study_name=args.study,
+          validation=ValidationSplit(args.validation_size, args.validation_seed),
+          progress=not args.no_progress and sys.stderr.isatty())
     return 0
 
 
@@ -127,23 +147,16 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def build_parser() -> ArgumentParser:
+def add_config_flags(p: ArgumentParser) -> None:
+    """The flags that fix a run's config: `train`'s, which `sweep` shares to fix the base its trials start from."""
     from .config import DEFAULT_PRESET, PRESETS
 
-    parser = ArgumentParser(prog="vitscope", description=__doc__.splitlines()[0].split(":")[0] + ": "
-                            "train, inspect and use a Vision Transformer on MNIST-sized images.")
-    parser.add_argument("--version", action="version", version=f"vitscope {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
-
-    p = commands.add_parser("train", help="train a ViT and write a run directory",
-                            description="Train a ViT on MNIST (or any IDX dataset) and write a run directory.")
     p.add_argument("--preset", help=f"recipe to start from: {', '.join(PRESETS)} (default {DEFAULT_PRESET}); "
                    + "; ".join(f"{name}: {preset.description}" for name, preset in PRESETS.items()).replace("%", "%%"))
     p.add_argument("--epochs", type=int, help="number of epochs (default: the preset's)")
     p.add_argument("--batch-size", type=int, help="training batch size (default: the preset's)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
     p.add_argument("--seed", type=int, help="random seed for initialisation, shuffling and augmentation (default 0)")
-    p.add_argument("--out", type=Path, help="run directory (default runs/<preset>-<timestamp>)")
     p.add_argument("--dataset", choices=["mnist", "idx"], help="mnist (default, SHA-256 verified) or idx "
                    "(any IDX dataset in --data-dir)")
     p.add_argument("--data-dir", help="folder with the IDX files (plain or .gz); for mnist, used instead of the cache")
@@ -151,12 +164,47 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
                    help="auto (default): bf16 autocast only where the device computes bf16 natively")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--max-train-samples", type=int, help="train on the first N training images only")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (also off when stderr is not a TTY)")
     p.add_argument("--config", help="JSON or TOML file of config fields; flags override it")
     p.add_argument("--tensorboard", action="store_true", help="also log to RUN/tensorboard (needs tensorboard)")
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="vitscope", description=__doc__.splitlines()[0].split(":")[0] + ": "
+                            "train, inspect and use a Vision Transformer on MNIST-sized images.")
+    parser.add_argument("--version", action="version", version=f"vitscope {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
+
+    p = commands.add_parser("train", help="train a ViT and write a run directory",
+                            description="Train a ViT on MNIST (or any IDX dataset) and write a run directory.")
+    add_config_flags(p)
+    p.add_argument("--out", type=Path, help="run directory (default runs/<preset>-<timestamp>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.set_defaults(func=cmd_train)
+
+    p = commands.add_parser("sweep", help="search config fields with Optuna on a validation split of the training set",
+                            description="Search config fields with Optuna: each trial trains from the base config "
+                            "(--preset and the train flags, e.g. --epochs 1 --max-train-samples 6000) with values "
+                            "drawn from the search space, and is judged by its accuracy on a validation split "
+                            "carved from the training images; the test set is never read. Bad trials are pruned "
+                            "after an epoch. Rerunning the same command continues the study to --trials finished "
+                            "trials; --seed also seeds the sampler, so the same command tries the same values. Writes "
+                            "OUT/trials.csv, OUT/search.png and OUT/best.toml, a --config file for vitscope train. "
+                            "Needs: pip install 'vitscope[sweep]'.")
+    add_config_flags(p)
+    p.add_argument("--space", help="TOML file of the fields to search: lr = {low = 1e-4, high = 1e-2, log = true}, "
+                   "depth = {low = 2, high = 6}, batch_size = {choices = [64, 128]} (default: the preset's space)")
+    p.add_argument("--trials", type=int, help="finished (complete or pruned) trials the study should reach "
+                   "(default 20, or no limit with --time-budget)")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS", help="start no trial after this many seconds")
+    p.add_argument("--out", type=Path, help="sweep directory (default sweeps/<preset>)")
+    p.add_argument("--storage", metavar="URL", help="Optuna storage URL (default sqlite:///OUT/study.db)")
+    p.add_argument("--study", metavar="NAME", help="study name in the storage (default: the preset's name)")
+    p.add_argument("--validation-size", type=int, metavar="N",
+                   help="training images held out to judge trials (default a sixth: 10000 of MNIST's 60000)")
+    p.add_argument("--validation-seed", type=int, default=0, help="seed of the validation split (default 0)")
+    p.set_defaults(func=cmd_sweep)
 
     p = commands.add_parser("eval", help="test accuracy and loss of a run",
                             description="Evaluate a run's model on its dataset's test split.")

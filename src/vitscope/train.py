@@ -6,6 +6,7 @@ import dataclasses
 import math
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -139,10 +140,14 @@ class TensorBoard:
 
 def train(model_config: ViTConfig | None, train_config: TrainConfig | None, out: str | Path, preset: str = "custom",
           resume: bool = False, progress: bool = True, stop_after_epoch: int | None = None,
-          threads: int | None = None, log=print, runtime: RuntimeConfig | None = None) -> RunDir:
+          threads: int | None = None, log=print, runtime: RuntimeConfig | None = None, dataset: Dataset | None = None,
+          on_epoch: Callable[[dict], None] | None = None) -> RunDir:
     """Train and write a run directory at `out`; with `resume`, continue the run there from its checkpoint
     (its own config.json rules; `threads` may still change). `runtime` defaults to RuntimeConfig().
-    `stop_after_epoch` ends this call early, as an interruption would, leaving a resumable checkpoint."""
+    `stop_after_epoch` ends this call early, as an interruption would, leaving a resumable checkpoint.
+    `dataset`, where given, is used instead of loading the one `train_config` names (a sweep's trials share one
+    whose held-out split is carved from the training images). `on_epoch(row)` is called with each epoch's metrics
+    once they are saved; an exception it raises (a pruned sweep trial) ends training there."""
     run = RunDir(out)
     if resume:
         model_config, train_config, runtime = run.configs()
@@ -161,7 +166,8 @@ def train(model_config: ViTConfig | None, train_config: TrainConfig | None, out:
     device = select_device(runtime.device)
     precision = select_precision(runtime.precision, device)
 
-    dataset = load_dataset(train_config.dataset, train_config.data_dir, train_config.max_train_samples)
+    if dataset is None:
+        dataset = load_dataset(train_config.dataset, train_config.data_dir, train_config.max_train_samples)
     # Image size and class count come from the data (an IDX set may be 32x32 with 26 classes).
     model_config = dataclasses.replace(model_config, image_size=dataset.image_size, num_classes=dataset.num_classes)
     log(f"data: {dataset.name} from {dataset.source}: {len(dataset.train_labels)} train, "
@@ -266,6 +272,8 @@ def train(model_config: ViTConfig | None, train_config: TrainConfig | None, out:
         log(f"epoch {epoch + 1:>3}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.2%}  "
             f"test loss {row['test_loss']:.4f} acc {row['test_acc']:.2%}  lr {lr:.2e}  "
             f"{seconds:.1f} s  {row['images_per_second']:.0f} img/s")
+        if on_epoch is not None:
+            on_epoch(row)
     tensorboard.close()
 
     if len(history) == epochs:
