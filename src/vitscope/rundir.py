@@ -69,14 +69,16 @@ class RunDir:
         return self.configs()[2]
 
     def dataset(self, data_dir: str | None = None):
-        """The run's dataset, found again from config.json: MNIST through its sources (cache first, or
-        `data_dir`), an IDX set where it was read."""
+        """The run's dataset, found again from config.json: MNIST from `data_dir`, else where the run read it
+        (while it is still there and whole), else its usual sources; an IDX set where it was read."""
         record = self.read_config()
         if "dataset" not in record:
             raise VitscopeError(f"{self.path} records no dataset (an exported model, not a training run): "
                                 "evaluate the run it came from")
         info = record["dataset"]
-        return load_dataset(info["name"], info["location"] if info["name"] == "idx" else data_dir)
+        if info["name"] == "idx":
+            return load_dataset("idx", info["location"])
+        return load_dataset(info["name"], data_dir, known=info.get("location"))
 
     # -- weights --
     def save_weights(self, model: torch.nn.Module) -> None:
