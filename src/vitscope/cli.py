@@ -20,25 +20,34 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def cmd_train(args) -> int:
     from .config import DEFAULT_PRESET, read_config_file, resolve_config
+    from .errors import Interrupted
     from .train import default_out, train
 
     overrides = read_config_file(args.config) if args.config else {}
     flags = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
              "dataset": args.dataset, "data_dir": args.data_dir, "device": args.device, "threads": args.threads,
              "precision": args.precision, "max_train_samples": args.max_train_samples,
-             "tensorboard": args.tensorboard or None}
+             "tensorboard": args.tensorboard or None, "checkpoint_every": args.checkpoint_every}
     overrides.update({k: v for k, v in flags.items() if v is not None})
-    preset = args.preset or overrides.pop("preset", None) or DEFAULT_PRESET
+    named_preset = args.preset or overrides.pop("preset", None)
     overrides.pop("preset", None)
     progress = not args.no_progress and sys.stderr.isatty()
-    if args.resume:
-        if args.out is None:
-            raise VitscopeError("--resume needs --out RUN, the run directory to continue")
-        train(None, None, args.out, resume=True, progress=progress, threads=args.threads)
-        return 0
-    model_config, train_config, runtime = resolve_config(preset, overrides)
-    train(model_config, train_config, args.out or default_out(preset), preset=preset, progress=progress,
-          runtime=runtime)
+    try:
+        if args.resume:
+            if args.out is None:
+                raise VitscopeError("--resume needs --out RUN, the run directory to continue")
+            given = {**overrides, **({"preset": named_preset} if named_preset else {})}  # checked against the run
+            train(None, None, args.out, resume=True, progress=progress, threads=args.threads, given=given,
+                  overwrite=args.overwrite)
+            return 0
+        preset = named_preset or DEFAULT_PRESET
+        model_config, train_config, runtime = resolve_config(preset, overrides)
+        train(model_config, train_config, args.out or default_out(preset), preset=preset, progress=progress,
+              runtime=runtime, overwrite=args.overwrite)
+    except Interrupted as e:  # SIGINT or SIGTERM: the checkpoint is saved; 130 or 143, as the shell would say
+        if e.message:
+            print(f"vitscope train: {e.message}", file=sys.stderr)
+        return e.exit_code
     return 0
 
 
@@ -144,7 +153,12 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
                    help="auto (default): bf16 autocast only where the device computes bf16 natively")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint "
+                   "(flags that contradict the run are refused)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --out, or write into a folder that "
+                   "holds other files (by default both are refused)")
+    p.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="also save a checkpoint every STEPS "
+                   "optimizer steps (default: one after every epoch and about every 3 minutes of training)")
     p.add_argument("--max-train-samples", type=int, help="train on the first N training images only")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (also off when stderr is not a TTY)")
     p.add_argument("--config", help="JSON or TOML file of config fields; flags override it")
