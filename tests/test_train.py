@@ -381,20 +381,29 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint_and_says_so(monk
     assert weights_equal(straight, resumed)
 
 
-@pytest.mark.parametrize("damage", ["flipped byte", "truncated"])
-def test_a_damaged_checkpoint_is_refused_and_named(idx_dir, tmp_path, damage):
+@pytest.mark.parametrize("damage,words", [("a weight's bit", "its contents do not match their SHA-256"),
+                                          ("the pickle's bit", "damaged"),  # unloadable, or other values
+                                          ("truncated", "it is damaged, or not a vitscope checkpoint")])
+def test_a_damaged_checkpoint_is_refused_and_named(idx_dir, tmp_path, damage, words):
+    import struct
+    import zipfile
     run = train(TINY, tiny_recipe(idx_dir), tmp_path / "run", progress=False, stop_after_epoch=1, log=quiet,
                 runtime=FP32_CPU)
     data = bytearray(run.checkpoint_file.read_bytes())
-    weights = data.find(b"model/data/")  # the zip's first tensor record; its bytes follow the header
-    if damage == "flipped byte":
-        data[weights + 200] ^= 0x01
-    else:
+    with zipfile.ZipFile(run.checkpoint_file) as archive:
+        members = archive.infolist()
+    largest = max((m for m in members if "/data/" in m.filename), key=lambda m: m.file_size)  # a weight's bytes
+    pickle = next(m for m in members if m.filename.endswith("data.pkl"))
+    for member in ((largest,) if damage == "a weight's bit" else (pickle,) if damage == "the pickle's bit" else ()):
+        name_length, extra_length = struct.unpack("<HH", data[member.header_offset + 26:member.header_offset + 30])
+        data[member.header_offset + 30 + name_length + extra_length + member.file_size // 2] ^= 0x01
+    if damage == "truncated":
         data = data[:len(data) // 2]
     run.checkpoint_file.write_bytes(bytes(data))
     p = run_cli("train", "--resume", "--out", run.path)
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
-    assert f"checkpoint {run.checkpoint_file} is damaged" in p.stderr.strip().splitlines()[-1]
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(run.checkpoint_file) in lines[0] and words in lines[0], lines
 
 
 def test_a_loss_that_turns_nan_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(monkeypatch, idx_dir,
@@ -473,6 +482,10 @@ def test_out_holding_other_files_is_refused_unless_overwrite(idx_dir, tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["idx", "notes.txt"]
     train(TINY, recipe, tmp_path, progress=False, log=quiet, runtime=FP32_CPU, overwrite=True)
     assert (tmp_path / "notes.txt").read_text() == "mine" and (tmp_path / "model.safetensors").is_file()
+    (tmp_path / "exported").mkdir()
+    (tmp_path / "exported" / "config.json").write_text('{"model_type": "vit"}')  # a config.json, not a run's
+    with pytest.raises(VitscopeError, match="holds other files"):
+        train(TINY, recipe, tmp_path / "exported", progress=False, log=quiet, runtime=FP32_CPU)
     with pytest.raises(VitscopeError, match="already holds a run: pass --resume to continue it, --overwrite"):
         train(TINY, tiny_recipe(idx_dir, epochs=1, seed=5), tmp_path, progress=False, log=quiet, runtime=FP32_CPU)
     train(TINY, tiny_recipe(idx_dir, epochs=1, seed=5), tmp_path, progress=False, log=quiet, runtime=FP32_CPU,

@@ -44,9 +44,9 @@ class RunDir:
     def exists(self) -> bool:
         return self.config_file.is_file()
 
-    def holds_other_files(self) -> bool:
-        """Whether the folder exists with something in it that no run of this command would have written."""
-        return self.path.is_dir() and any(self.path.iterdir()) and not self.exists()
+    def is_empty(self) -> bool:
+        """Whether there is nothing here: no folder, or an empty one."""
+        return not self.path.is_dir() or not any(self.path.iterdir())
 
     def clear(self) -> None:
         """Remove what a run wrote here, and nothing else."""
@@ -153,11 +153,12 @@ def parse_checkpoint(data: bytes, name: str | Path) -> dict:
     """A checkpoint's state from its file's bytes, its checksum verified: tensors and plain values only
     (weights_only: a crafted file cannot run code). A damaged file is refused, named. Checkpoints from before the
     checksum load unverified."""
+    buffer = io.BytesIO(data)
     try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        state = torch.load(buffer, map_location="cpu", weights_only=True)
     except Exception as e:  # a damaged or crafted file: refuse it, never unpickle freely
-        raise VitscopeError(f"checkpoint {name} is damaged and cannot be loaded ({str(e).splitlines()[0][:120]}); "
-                            "restore it, or start the run again with --overwrite") from None
+        raise VitscopeError(f"cannot load checkpoint {name} ({type(e).__name__}): it is damaged, or not a vitscope "
+                            "checkpoint; restore it, or start the run again with --overwrite") from None
     expected = state.pop("sha256", None) if isinstance(state, dict) else None
     if expected is not None and expected != state_digest(state):
         raise VitscopeError(f"checkpoint {name} is damaged: its contents do not match their SHA-256; restore it, "

@@ -318,7 +318,7 @@ def plan_start(run: RunDir, world: Distributed, resume: bool, overwrite: bool,
             return {"error": f"{run.path} already holds a run: pass --resume to continue it, --overwrite to replace "
                              "it, or choose another --out"}, None
         overwrite = True  # stopped before its first checkpoint: the same command starts it again
-    elif record is None and run.holds_other_files() and not overwrite:
+    elif record is None and not run.is_empty() and not overwrite:  # someone else's files, a config.json too
         return {"error": f"{run.path} holds other files, not a vitscope run: choose another --out, or pass "
                          "--overwrite to write the run into it"}, None
     if overwrite and run.path.is_dir():
@@ -333,7 +333,7 @@ def open_run(run: RunDir, world: Distributed, resume: bool, overwrite: bool, giv
     plan = json.loads(world.broadcast_bytes(json.dumps(plan).encode() if world.is_main else None))
     if "error" in plan:
         raise VitscopeError(plan["error"])
-    data = world.broadcast_bytes(checkpoint if world.is_main else None) if plan["resume"] else None
+    data = world.broadcast_bytes((checkpoint or b"") if world.is_main else None) if plan["resume"] else None
     return plan["record"], parse_checkpoint(data, run.checkpoint_file) if data else None, plan["note"]
 
 
@@ -436,7 +436,7 @@ def _train(world: Distributed, signals: StopSignals, model_config, train_config,
     if note:
         log(f"{note}, after step {done} of {total_steps}" if checkpoint is not None else note)
         if record.get("distributed", {}).get("world_size", 1) != world.world_size:
-            log(f"note: the run began with {record['distributed']['world_size']} processes and goes on with "
+            log(f"note: the run began with world size {record['distributed']['world_size']} and goes on with "
                 f"{world.world_size}, with the same global batch: the same training up to the order of reductions")
     if record is None and world.is_main:
         run.write_config(run_record(preset, model_config, train_config, runtime, dataset, device, precision, model,
