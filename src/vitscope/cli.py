@@ -150,7 +150,8 @@ def build_parser() -> ArgumentParser:
                    "(any IDX dataset in --data-dir)")
     p.add_argument("--data-dir", help="folder with the IDX files (plain or .gz); for mnist, used instead of the cache")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="where to train (default auto)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; under torchrun, "
+                   "the machine's cores shared out among its processes)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
                    help="auto (default): bf16 autocast only where the device computes bf16 natively")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint "

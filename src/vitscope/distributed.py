@@ -15,6 +15,9 @@ import torch.distributed as dist
 
 
 class Distributed:
+    """This process's place in a run: its rank among `world_size` processes, and on its machine among
+    `local_world_size`; under torchrun also the worker group's restart count and the run's id."""
+
     def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0, local_world_size: int = 1,
                  restart: int = 0, run_id: str | None = None):
         self.rank, self.world_size = rank, world_size
@@ -25,7 +28,9 @@ class Distributed:
     @classmethod
     def from_environment(cls, environ=os.environ) -> "Distributed":
         """This process as torchrun describes it; the process group is joined where there are several."""
-        number = lambda name, default: int(environ.get(name) or default)  # noqa: E731
+        def number(name: str, default: int) -> int:
+            return int(environ.get(name) or default)
+
         world = cls(number("RANK", 0), number("WORLD_SIZE", 1), number("LOCAL_RANK", 0),
                     number("LOCAL_WORLD_SIZE", 1), number("TORCHELASTIC_RESTART_COUNT", 0),
                     environ.get("TORCHELASTIC_RUN_ID"))
