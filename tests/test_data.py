@@ -1,5 +1,6 @@
 import gzip
 import hashlib
+import io
 import pickle
 import zipfile
 
@@ -252,3 +253,89 @@ def test_offline_fallback_serves_verified_mnist(tmp_path, monkeypatch):
     assert "offline fallback" in dataset.source
     assert len(dataset.train_labels) == 60000 and len(dataset.test_labels) == 10000
     assert data.load_dataset("mnist").source.startswith("cache")  # and it was cached, verified again
+
+
+# ---- damaged files and sources ---------------------------------------------------------------------------------
+
+def damaged_gzip(raw: bytes) -> bytes:
+    data = bytearray(gzip.compress(raw))
+    data[12] ^= 0xFF  # inside the deflate stream's header: zlib itself refuses it
+    return bytes(data)
+
+
+def test_a_damaged_gzip_file_in_a_data_dir_is_a_user_error_naming_it(tmp_path):
+    write_idx_dataset(tmp_path, n_train=16, n_test=8)
+    broken = tmp_path / "train-images-idx3-ubyte.gz"
+    broken.write_bytes(damaged_gzip(gzip.decompress(broken.read_bytes())))
+    for dataset in ("idx", "mnist"):
+        with pytest.raises(VitscopeError, match=f"cannot read {broken}"):
+            data.load_dataset(dataset, tmp_path)
+
+
+@pytest.fixture
+def synthetic_mnist(tmp_path, monkeypatch):
+    """A small IDX set that data.py takes for MNIST (its digests in place of MNIST's), offline, and a cache of
+    its own."""
+    folder = write_idx_dataset(tmp_path / "synthetic", n_train=16, n_test=8, compress=False)
+    arrays = data.read_idx_folder(folder)
+    monkeypatch.setattr(data, "MNIST_SHA256", {key: data.sha256(array) for key, array in arrays.items()})
+    monkeypatch.setenv("VITSCOPE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "from_fallback_wheel", lambda: None)
+    return folder
+
+
+def test_a_mirror_serving_a_damaged_file_is_passed_over_for_the_next(synthetic_mnist, monkeypatch):
+    class Response(io.BytesIO):
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    def urlopen(url, timeout):
+        raw = (synthetic_mnist / url.rsplit("/", 1)[1].removesuffix(".gz")).read_bytes()
+        return Response(damaged_gzip(raw) if url.startswith(data.MNIST_MIRRORS[0]) else gzip.compress(raw))
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", urlopen)
+    dataset = data.load_dataset("mnist")
+    assert dataset.source == f"mirror {data.MNIST_MIRRORS[1]}" and len(dataset.train_labels) == 16
+
+
+def test_a_damaged_cache_with_a_subfolder_is_discarded_and_fetched_again(synthetic_mnist, tmp_path, monkeypatch):
+    cache = tmp_path / "cache" / "mnist"
+    write_idx_dataset(cache / "raw", n_train=4, n_test=4)  # torchvision's layout, other data: fails the digests
+    monkeypatch.setattr(data, "from_mirrors", lambda: (data.read_idx_folder(synthetic_mnist), "mirror test"))
+    dataset = data.load_dataset("mnist")
+    assert dataset.source == "mirror test" and not (cache / "raw").exists()
+    assert data.load_dataset("mnist").source == f"cache {cache}"
+
+
+def test_mnist_from_a_data_dir_is_cached_and_a_run_finds_it_where_it_was_read(synthetic_mnist, tmp_path, monkeypatch):
+    from vitscope.rundir import RunDir
+
+    dataset = data.load_dataset("mnist", synthetic_mnist)
+    assert data.find_idx_files(tmp_path / "cache" / "mnist") is not None  # cached as it was read
+    run = RunDir(tmp_path / "run")
+    run.write_config({"dataset": dataset.describe()})
+    monkeypatch.setenv("VITSCOPE_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(data, "from_mirrors", lambda: None)  # no network: only the recorded location serves
+    assert run.dataset().source == f"data dir {synthetic_mnist.resolve()}"
+
+
+@pytest.mark.parametrize("processes", [2, 4])
+def test_shares_of_a_batch_augmented_apart_are_the_batch_augmented_whole(processes):
+    images = torch.randint(0, 256, (16, 28, 28), dtype=torch.uint8)
+    augmentations = [lambda x, g, s: data.random_shift(x, 2, g, s),
+                     lambda x, g, s: data.random_rotate_scale(x, 15.0, 0.1, g, s),
+                     lambda x, g, s: data.random_stroke(x, 0.7, g, s),
+                     lambda x, g, s: data.random_close(x, 1, g, s)]
+    for augment in augmentations:
+        whole_generator = torch.Generator().manual_seed(5)
+        whole = augment(images, whole_generator, None)
+        size = 16 // processes
+        for rank in range(processes):
+            share = data.BatchShare(rank * size, (rank + 1) * size, 16)
+            generator = torch.Generator().manual_seed(5)
+            part = augment(images[share.start:share.stop], generator, share)
+            assert torch.equal(part, whole[share.start:share.stop])
+            assert torch.equal(generator.get_state(), whole_generator.get_state())  # every process draws alike

@@ -18,43 +18,56 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def config_from_flags(args) -> tuple[str, dict]:
-    """(preset, overrides) of `add_config_flags`'s flags: the --config file's fields, the flags over them."""
-    from .config import DEFAULT_PRESET, read_config_file
+def config_from_flags(args) -> tuple[str | None, dict]:
+    """(the preset named, or None; overrides) of `add_config_flags`'s flags: the --config file's fields, the flags
+    over them."""
+    from .config import read_config_file
 
     overrides = read_config_file(args.config) if args.config else {}
     flags = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
              "dataset": args.dataset, "data_dir": args.data_dir, "device": args.device, "threads": args.threads,
              "precision": args.precision, "max_train_samples": args.max_train_samples,
-             "tensorboard": args.tensorboard or None}
+             "tensorboard": args.tensorboard or None,
+             "checkpoint_every": getattr(args, "checkpoint_every", None)}  # train's alone
     overrides.update({k: v for k, v in flags.items() if v is not None})
-    preset = args.preset or overrides.pop("preset", None) or DEFAULT_PRESET
+    named_preset = args.preset or overrides.pop("preset", None)
     overrides.pop("preset", None)
-    return preset, overrides
+    return named_preset, overrides
 
 
 def cmd_train(args) -> int:
-    from .config import resolve_config
+    from .config import DEFAULT_PRESET, resolve_config
+    from .errors import Interrupted
     from .train import default_out, train
 
-    preset, overrides = config_from_flags(args)
+    named_preset, overrides = config_from_flags(args)
     progress = not args.no_progress and sys.stderr.isatty()
-    if args.resume:
-        if args.out is None:
-            raise VitscopeError("--resume needs --out RUN, the run directory to continue")
-        train(None, None, args.out, resume=True, progress=progress, threads=args.threads)
-        return 0
-    model_config, train_config, runtime = resolve_config(preset, overrides)
-    train(model_config, train_config, args.out or default_out(preset), preset=preset, progress=progress,
-          runtime=runtime)
+    try:
+        if args.resume:
+            if args.out is None:
+                raise VitscopeError("--resume needs --out RUN, the run directory to continue")
+            given = {**overrides, **({"preset": named_preset} if named_preset else {})}  # checked against the run
+            train(None, None, args.out, resume=True, progress=progress, threads=args.threads, given=given,
+                  overwrite=args.overwrite)
+            return 0
+        preset = named_preset or DEFAULT_PRESET
+        model_config, train_config, runtime = resolve_config(preset, overrides)
+        train(model_config, train_config, args.out or default_out(preset), preset=preset, progress=progress,
+              runtime=runtime, overwrite=args.overwrite)
+    except Interrupted as e:  # SIGINT or SIGTERM: the checkpoint is saved; 130 or 143, as the shell would say
+        if e.message:
+            print(f"vitscope train: {e.message}", file=sys.stderr)
+        return e.exit_code
     return 0
 
 
 def cmd_sweep(args) -> int:
+    from .config import DEFAULT_PRESET
     from .data import ValidationSplit
     from .sweep import default_sweep_out, sweep
 
-    preset, overrides = config_from_flags(args)
+    named_preset, overrides = config_from_flags(args)
+    preset = named_preset or DEFAULT_PRESET
     sweep(preset, overrides, out=args.out or default_sweep_out(preset), space_file=args.space, trials=args.trials,
           time_budget=args.time_budget, storage=args.storage, study_name=args.study,
           validation=ValidationSplit(args.validation_size, args.validation_seed),
@@ -161,7 +174,8 @@ def add_config_flags(p: ArgumentParser) -> None:
                    "(any IDX dataset in --data-dir)")
     p.add_argument("--data-dir", help="folder with the IDX files (plain or .gz); for mnist, used instead of the cache")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="where to train (default auto)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; under torchrun, "
+                   "the machine's cores shared out among its processes)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
                    help="auto (default): bf16 autocast only where the device computes bf16 natively")
     p.add_argument("--max-train-samples", type=int, help="train on the first N training images only")
@@ -180,7 +194,12 @@ def build_parser() -> ArgumentParser:
                             description="Train a ViT on MNIST (or any IDX dataset) and write a run directory.")
     add_config_flags(p)
     p.add_argument("--out", type=Path, help="run directory (default runs/<preset>-<timestamp>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint "
+                   "(flags that contradict the run are refused)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --out, or write into a folder that "
+                   "holds other files (by default both are refused)")
+    p.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="also save a checkpoint every STEPS "
+                   "optimizer steps (default: one after every epoch and about every 3 minutes of training)")
     p.set_defaults(func=cmd_train)
 
     p = commands.add_parser("sweep", help="search config fields with Optuna on a validation split of the training set",

