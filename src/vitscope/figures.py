@@ -96,7 +96,8 @@ def plot_attention_distance(panels: list[tuple[str, torch.Tensor, float]], path:
     """One panel per (title, distances (L, H) in pixels, uniform-attention distance) in `panels`: one dot per head
     at its layer's depth, the distance uniform attention would give as a dashed line, and on the right axis the
     distance as a multiple of it. `class_token` says how the class token was treated."""
-    fig, axes = subplots(1, len(panels), figsize=(6 * len(panels), 4.4), squeeze=False)
+    fig, axes = subplots(1, len(panels), figsize=(6.3 * len(panels), 4.4), squeeze=False,
+                         gridspec_kw={"wspace": 0.45})
     top = max(max(d.max().item(), u) for _, d, u in panels) * 1.1 + 1
     for ax, (title, distances, uniform) in zip(axes[0], panels):
         layers, heads = distances.shape

@@ -80,7 +80,8 @@ def _layers(first: int, last: int) -> str:
 
 
 def _describe_distances(over_uniform: list[list[float]], uniform: float, queries: str) -> str:
-    """Plain words for one panel of attention_distance.png: the first third of the layers and the last."""
+    """Plain words for one panel of attention_distance.png: the first third of the layers, the last layer, and
+    the most local head anywhere."""
     layers = len(over_uniform)
     early = max(1, round(layers / 3))
     first = [r for row in over_uniform[:early] for r in row]
@@ -90,6 +91,9 @@ def _describe_distances(over_uniform: list[list[float]], uniform: float, queries
         verdict = "both local and global heads, as in the paper's early layers"
     elif lo <= LOCAL:
         verdict = "local heads but none that spread over the whole image"
+    elif lo < GLOBAL:
+        verdict = (f"heads part-way to local but none at or below {LOCAL}x uniform, so not the paper's local "
+                   "heads")
     else:
         verdict = f"no local head (none at or below {LOCAL}x uniform), unlike the paper's early layers"
     if min(last) >= GLOBAL:
@@ -97,8 +101,10 @@ def _describe_distances(over_uniform: list[list[float]], uniform: float, queries
     else:
         late = (f"layer {layers}'s heads range {min(last):.2f}-{max(last):.2f}x: some stay local, unlike the "
                 "paper's last layers, where every head is global")
-    return (f"Over {queries} (uniform attention: {uniform:.1f} px), {_layers(1, early)} reach "
-            f"{lo:.2f}-{hi:.2f}x uniform: {verdict}; {late}.")
+    value, layer, head = min((r, i + 1, h + 1) for i, row in enumerate(over_uniform) for h, r in enumerate(row))
+    return (f"Over {queries}, against uniform attention's {uniform:.1f} px, {_layers(1, early)} reach "
+            f"{lo:.2f}-{hi:.2f}x uniform: {verdict}; {late}. The most local head is head {head} of layer {layer} "
+            f"({value:.2f}x).")
 
 
 def explain(analysis: dict) -> dict[str, str]:
@@ -135,7 +141,7 @@ def explain(analysis: dict) -> dict[str, str]:
         + _describe_distances(distance["per_layer_and_head_over_uniform"], distance["uniform_attention"],
                               "every patch query")
         + " " + _describe_distances(ink["per_layer_and_head_over_uniform"], ink["uniform_attention"],
-                                    f"the queries on ink patches ({ink['share_of_patches']:.0%} of the patches)")
+                                    f"the queries on ink patches, {ink['share_of_patches']:.0%} of the patches")
         + " On MNIST an empty border patch has nothing of its own to look at and attends to the digit in the "
         "middle, which reads as global; the ink panel leaves those queries out.")
     rollout = analysis["attention_rollout"]
@@ -202,16 +208,17 @@ def _rounded(tensor: torch.Tensor, digits: int = 4):
 
 
 def analyze_run(run_path: str | Path, out: str | Path | None = None, device: torch.device | str = "cpu",
-                data_dir: str | None = None, log=print) -> Path:
+                data_dir: str | None = None, log=print, images: int | None = None) -> Path:
     """Write OUT/plots/*.png, OUT/analysis.json and OUT/report.html for the run; OUT is the run itself
-    unless `out` names another folder. Returns OUT."""
+    unless `out` names another folder. `images` limits the analysis to the first that many test images
+    (all by default). Returns OUT."""
     run = RunDir(run_path).require()
     dataset = run.dataset(data_dir)  # first: an exported model directory has no dataset, and says so
     model, config = load_run(run.path, device)
     out = Path(out) if out is not None else run.path
     plots = out / "plots"
     grid = config.image_size // config.patch_size
-    images, labels = dataset.test_images, dataset.test_labels
+    images, labels = dataset.test_images[:images], dataset.test_labels[:images]
     is_blog = isinstance(model, BlogViT)
 
     log(f"analyzing {run.path} on {len(labels)} test images ({dataset.name})")
