@@ -186,8 +186,8 @@ with torch.no_grad():
 print(PRESETS["scope"].description)
 
 # %% [markdown]
-# The full training is one command (a few minutes on 2 cores; `docs/performance.md#scope-preset` has the
-# measured time), and `vitscope analyze` then draws the paper's figures into the run:
+# The full training is one command (407 s on one thread of a 2-core Intel Xeon, `docs/performance.md#scope-preset`),
+# and `vitscope analyze` then draws the paper's figures into the run:
 #
 #     vitscope train --preset scope --out runs/scope
 #     vitscope analyze runs/scope
