@@ -12,13 +12,15 @@ from vitscope.analysis import (
     class_token_attention,
     confusion_matrix,
     embedding_principal_components,
+    ink_patches,
     mean_attention_distance,
     position_embeddings,
     position_similarity,
     rollout_map,
     similarity_by_relation,
+    uniform_attention_distance,
 )
-from vitscope.report import analyze_run
+from vitscope.report import analyze_run, explain
 from vitscope.train import train
 
 GRID, PATCH = 4, 7  # MNIST with 7x7 patches
@@ -91,6 +93,38 @@ def test_distance_scales_with_the_patch_size_and_is_per_head():
     distances = mean_attention_distance([heads], GRID, 4)
     expected = sum(distance(q, k, GRID, 4) for q in range(N) for k in range(N)) / N ** 2
     torch.testing.assert_close(distances, torch.tensor([[0.0, expected]]))
+
+
+def test_distance_over_marked_queries_averages_those_queries_only():
+    corner = torch.zeros(N, N)
+    corner[:, 0] = 1.0  # every query looks at the top-left patch
+    queries = torch.zeros(2, N, dtype=torch.bool)
+    queries[0, [5, N - 1]] = True  # image 1: two queries
+    queries[1, 5] = True  # image 2: one
+    expected = (2 * distance(5, 0) + distance(N - 1, 0)) / 3
+    distances = mean_attention_distance([attention_of(corner)], GRID, PATCH, queries)
+    torch.testing.assert_close(distances, torch.full((1, 3), expected))
+
+
+def test_uniform_reference_over_marked_queries_is_their_mean_distance_to_every_patch():
+    assert uniform_attention_distance(GRID, PATCH) == pytest.approx(
+        sum(distance(q, k) for q in range(N) for k in range(N)) / N ** 2)
+    queries = torch.zeros(1, N, dtype=torch.bool)
+    queries[0, [5, 6]] = True  # two central patches: nearer to the rest than the average patch
+    central = uniform_attention_distance(GRID, PATCH, queries)
+    assert central == pytest.approx(sum(distance(q, k) for q in (5, 6) for k in range(N)) / (2 * N))
+    assert central < uniform_attention_distance(GRID, PATCH)
+
+
+def test_ink_patches_marks_the_patches_that_hold_enough_bright_pixels():
+    images = torch.zeros(2, 28, 28, dtype=torch.uint8)
+    images[0, 7:14, 14:21] = 255  # all of patch (1, 2)
+    images[0, 0, 0] = 255  # one pixel of patch (0, 0): 2% of it, below the threshold
+    images[1, 27, 27] = 127  # not bright enough
+    marked = ink_patches(images, PATCH)
+    assert marked.shape == (2, N)
+    assert marked[0].nonzero().flatten().tolist() == [1 * GRID + 2] and not marked[1].any()
+    assert ink_patches(images[:, None], PATCH).equal(marked)  # (B, 1, H, W) too
 
 
 def test_token_count_that_fits_no_grid_is_refused():
@@ -230,7 +264,14 @@ def test_analyze_writes_all_figures_json_and_report_into_the_run(idx_dir, tmp_pa
     assert p.returncode == 0, p.stderr
     analysis = assert_analysis_written(run.path, depth=2, heads=2)
     assert len(analysis["position_similarity"]["cosine_similarity"]) == N
-    assert "class token" in analysis["mean_attention_distance"]["class_token"]
+    assert set(analysis["position_similarity"]["mean_by_relation"]) == {"same_row", "same_column", "other"}
+    distance = analysis["mean_attention_distance"]
+    assert "class token" in distance["class_token"]
+    ink = distance["ink_queries"]
+    assert 0 < ink["share_of_patches"] < 1 and 0 < ink["uniform_attention"] < distance["uniform_attention"]
+    assert len(ink["per_layer_and_head"]) == 2 and len(distance["per_layer_and_head_over_uniform"][0]) == 2
+    page = (run.path / "report.html").read_text()
+    assert page.count("<b>This run:</b>") == 4  # the four figures of the paper, each explained
     assert str(run.path / "report.html") in p.stdout
 
 
@@ -246,6 +287,36 @@ def test_analyze_of_a_blog_run_into_another_folder_redraws_missing_curves(idx_di
     assert analysis["mean_attention_distance"]["class_token"].startswith("none")
     assert (tmp_path / "out" / "plots" / "accuracy.png").is_file()
     assert not (run.path / "analysis.json").exists() and not list(run.plots.glob("*.png"))
+
+
+def analysis_of(over_uniform, ink_over_uniform, relation, rollout_on_ink=0.6):
+    """The parts of an analysis.json that `explain` reads."""
+    return {"embedding_principal_components": {"explained_variance_ratio": [0.4, 0.2, 0.1, 0.1] + [0.01] * 20},
+            "position_similarity": relation and {"mean_by_relation": relation},
+            "mean_attention_distance": {"per_layer_and_head_over_uniform": over_uniform, "uniform_attention": 14.4,
+                                        "ink_queries": {"per_layer_and_head_over_uniform": ink_over_uniform,
+                                                        "uniform_attention": 12.3, "share_of_patches": 0.3}},
+            "attention_rollout": {"share_on_ink_patches": rollout_on_ink, "ink_share_of_patches": 0.3}}
+
+
+def test_explanation_names_local_and_global_heads_against_the_paper():
+    paper_like = [[0.4, 0.95], [0.7, 0.9], [0.85, 0.9]]  # layer 1 local and global, the last all global
+    flat = [[0.9, 0.95], [0.9, 0.9], [0.5, 0.9]]  # nothing local early, a local head last
+    words = explain(analysis_of(paper_like, flat, {"same_row": 0.35, "same_column": 0.25, "other": 0.05}))
+    distance = words["attention_distance.png"]
+    every, ink = distance.split("Over the queries on ink")
+    assert "layer 1 reach 0.40-0.95x uniform: both local and global heads, as in the paper" in every
+    assert "every head of layer 3 is global (0.85-0.90x), as in the paper" in every
+    assert "no local head" in ink and "some stay local" in ink
+    position = words["position_similarity.png"]
+    assert "stand +0.30 above the others and same-column pairs +0.20" in position
+    assert "learned rows and columns" in position
+    assert "draws on the digit" in words["attention_rollout.png"]
+    unstructured = explain(analysis_of(paper_like, paper_like, {"same_row": 0.1, "same_column": 0.05,
+                                                                "other": 0.04}, rollout_on_ink=0.3))
+    assert "little row or column structure" in unstructured["position_similarity.png"]
+    assert "background about as much" in unstructured["attention_rollout.png"]
+    assert "no position embedding" in explain(analysis_of(flat, flat, None))["position_similarity.png"]
 
 
 def test_analyze_of_a_missing_run_is_one_line_and_exit_2(tmp_path):

@@ -71,3 +71,11 @@ def test_each_config_checks_its_own_choices(section, field, value):
 
     with pytest.raises(VitscopeError, match=f"{field} must be one of"):
         resolve_config("seed", {field: value})
+
+
+def test_scope_preset_is_a_plain_vit_on_the_7x7_grid_with_small_position_embeddings():
+    # what lets its position embeddings learn rows and columns (docs/performance.md#scope-preset)
+    model, recipe, _ = resolve_config("scope", {})
+    assert model.architecture == "vit" and model.num_patches == 49
+    assert model.pos_embed_std == 0.02 and model.depth == 6
+    assert recipe.epochs == 7 and recipe.lr == 1e-2

@@ -61,15 +61,43 @@ def patch_attention(attention: torch.Tensor, grid: int) -> torch.Tensor:
     return patches / patches.sum(dim=-1, keepdim=True)
 
 
-def mean_attention_distance(attentions: Sequence[torch.Tensor], grid: int, patch_size: int) -> torch.Tensor:
+def mean_attention_distance(attentions: Sequence[torch.Tensor], grid: int, patch_size: int,
+                            queries: torch.Tensor | None = None) -> torch.Tensor:
     """(L, H) mean attention distance in pixels of every head of every layer, averaged over the batch.
 
     The paper's "attention distance": for a query patch q, sum_k attention(q, k) * |centre(q) - centre(k)|,
     averaged over query patches and images. Analogous to a CNN's receptive field size. The class token
-    is treated as CLASS_TOKEN_TREATMENT says."""
+    is treated as CLASS_TOKEN_TREATMENT says. `queries`, a (B, N) mask, averages over the patches it marks
+    only (e.g. `ink_patches`: on MNIST an empty border patch that looks at the digit reads as "global")."""
     distances = patch_distances(grid, patch_size)  # (N, N)
-    return torch.stack([(patch_attention(a.double(), grid) * distances).sum(dim=-1).mean(dim=(0, 2))
-                        for a in attentions]).float()
+    per_query = [(patch_attention(a.double(), grid) * distances).sum(dim=-1) for a in attentions]  # (B, H, N) each
+    if queries is None:
+        return torch.stack([d.mean(dim=(0, 2)) for d in per_query]).float()
+    weight = queries.double()[:, None, :]  # (B, 1, N)
+    return torch.stack([(d * weight).sum(dim=(0, 2)) / weight.sum() for d in per_query]).float()
+
+
+def uniform_attention_distance(grid: int, patch_size: int, queries: torch.Tensor | None = None) -> float:
+    """The mean attention distance of a head that attends to every patch equally: the reference a head's distance
+    is read against. Over all queries, the mean distance between two patch centres (a patch with itself
+    included); over the queries a (B, N) mask marks, the mean of those queries' mean distance to every patch
+    (central patches have nearer neighbours, so this is smaller)."""
+    to_every_patch = patch_distances(grid, patch_size).mean(dim=1)  # (N,)
+    if queries is None:
+        return to_every_patch.mean().item()
+    weight = queries.double()
+    return ((weight @ to_every_patch).sum() / weight.sum()).item()
+
+
+INK_THRESHOLD = 0.1  # a patch is "ink" when at least this share of its pixels is at least half bright
+
+
+def ink_patches(images: torch.Tensor, patch_size: int, threshold: float = INK_THRESHOLD) -> torch.Tensor:
+    """(B, N) bool: the patches of uint8 images (B, H, W) (or (B, 1, H, W)) that hold part of the digit, in the
+    model's row-major patch order."""
+    pixels = images.reshape(images.shape[0], 1, images.shape[-2], images.shape[-1]).float()
+    share = F.avg_pool2d((pixels >= 128).float(), patch_size)  # (B, 1, grid, grid)
+    return (share >= threshold).flatten(1)
 
 
 def class_token_attention(attentions: Sequence[torch.Tensor], grid: int) -> torch.Tensor | None:

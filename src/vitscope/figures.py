@@ -55,9 +55,11 @@ def plot_embedding_filters(components: torch.Tensor, explained_variance: torch.T
     return _save(fig, path)
 
 
-def plot_position_similarity(similarity: torch.Tensor | None, grid: int, path: Path, note: str = "") -> Path:
+def plot_position_similarity(similarity: torch.Tensor | None, grid: int, path: Path, note: str = "",
+                             by_relation: dict[str, float] | None = None) -> Path:
     """A grid x grid array of small heatmaps: tile (r, c) shows the cosine similarity of position (r, c)'s
-    embedding with every position's. With `similarity` None, the figure says `note` instead."""
+    embedding with every position's; `by_relation` (analysis.similarity_by_relation), the reference a reader
+    needs, is written under the title. With `similarity` None, the figure says `note` instead."""
     if similarity is None:
         fig, ax = subplots(figsize=(5.5, 2.2))
         ax.axis("off")
@@ -80,34 +82,45 @@ def plot_position_similarity(similarity: torch.Tensor | None, grid: int, path: P
     fig.supylabel("input patch row", fontsize=9)
     fig.supxlabel("input patch column", fontsize=9)
     fig.colorbar(image, ax=axes, shrink=0.8, label="cosine similarity")
-    fig.suptitle("Position embedding similarity", fontsize=11)
+    title = "Position embedding similarity"
+    if by_relation:
+        title += (f"\nmean cosine similarity of two positions in the same row {by_relation['same_row']:+.2f}, "
+                  f"same column {by_relation['same_column']:+.2f},\nneither {by_relation['other']:+.2f}: "
+                  "rows and columns are learned where the first two stand above the third")
+    fig.suptitle(title, fontsize=11 if not by_relation else 9)
     return _save(fig, path)
 
 
-def plot_attention_distance(distances: torch.Tensor, path: Path, patch_size: int, uniform_distance: float,
+def plot_attention_distance(panels: list[tuple[str, torch.Tensor, float]], path: Path, patch_size: int,
                             images: int, class_token: str) -> Path:
-    """One dot per head at its layer's depth: mean attention distance in pixels (L, H); `class_token` says
-    how the class token was treated."""
-    layers, heads = distances.shape
-    fig, ax = subplots(figsize=(6, 4.4))
-    colours = matplotlib.colormaps["tab10"](np.arange(heads) % 10)
-    for h in range(heads):
-        # A small sideways offset per head, so heads at the same distance stay visible.
-        x = np.arange(1, layers + 1) + (h - (heads - 1) / 2) * 0.04
-        ax.scatter(x, distances[:, h].numpy(), color=colours[h], label=f"head {h + 1}", s=30, zorder=3)
-    ax.axhline(uniform_distance, color="grey", linestyle="--", linewidth=1)
-    ax.text(layers + 0.45, uniform_distance, "uniform\nattention", color="grey", fontsize=8, va="center")
-    ax.set_xticks(range(1, layers + 1))
-    ax.set_xlim(0.5, layers + 0.9)
-    ax.set_ylim(0, max(distances.max().item(), uniform_distance) * 1.1 + 1)
-    ax.set_xlabel("network depth (layer)")
-    ax.set_ylabel("mean attention distance (pixels)")
-    ax.set_title(f"Mean attention distance per head ({images} test images, {patch_size}x{patch_size} patches)",
-                 fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right", ncol=2 if heads > 4 else 1)
-    fig.text(0.5, -0.02, f"Class token: {class_token}.", ha="center", va="top", fontsize=7.5,
-             wrap=True)
+    """One panel per (title, distances (L, H) in pixels, uniform-attention distance) in `panels`: one dot per head
+    at its layer's depth, the distance uniform attention would give as a dashed line, and on the right axis the
+    distance as a multiple of it. `class_token` says how the class token was treated."""
+    fig, axes = subplots(1, len(panels), figsize=(6.3 * len(panels), 4.4), squeeze=False,
+                         gridspec_kw={"wspace": 0.45})
+    top = max(max(d.max().item(), u) for _, d, u in panels) * 1.1 + 1
+    for ax, (title, distances, uniform) in zip(axes[0], panels):
+        layers, heads = distances.shape
+        colours = matplotlib.colormaps["tab10"](np.arange(heads) % 10)
+        for h in range(heads):
+            # A small sideways offset per head, so heads at the same distance stay visible.
+            x = np.arange(1, layers + 1) + (h - (heads - 1) / 2) * 0.04
+            ax.scatter(x, distances[:, h].numpy(), color=colours[h], label=f"head {h + 1}", s=30, zorder=3)
+        ax.axhline(uniform, color="grey", linestyle="--", linewidth=1)
+        ax.text(0.55, uniform, f" uniform attention {uniform:.1f} px", color="grey", fontsize=8, va="bottom")
+        ax.set_xticks(range(1, layers + 1))
+        ax.set_xlim(0.5, layers + 0.5)
+        ax.set_ylim(0, top)
+        ax.set_xlabel("network depth (layer)")
+        ax.set_ylabel("mean attention distance (pixels)")
+        ax.secondary_yaxis("right", functions=(lambda d, u=uniform: d / u, lambda r, u=uniform: r * u)) \
+            .set_ylabel("x uniform attention", color="grey")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right", ncol=2 if heads > 4 else 1)
+    fig.suptitle(f"Mean attention distance per head ({images} test images, {patch_size}x{patch_size} patches)",
+                 fontsize=11)
+    fig.text(0.5, -0.02, f"Class token: {class_token}.", ha="center", va="top", fontsize=7.5, wrap=True)
     return _save(fig, path)
 
 
