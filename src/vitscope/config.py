@@ -153,6 +153,9 @@ class Preset:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
+FAST_RECIPE = TrainConfig(epochs=5, batch_size=256, optimizer="muon", lr=3e-3, muon_lr=8e-3, weight_decay=0.05,
+                          schedule="cosine", warmup_epochs=0.1, label_smoothing=0.1, augment_shift=1,
+                          augment_rotate=12.0, augment_scale=0.15)
 # `seed` and `blog` pin fp32: at 32-wide matrices a step is bound by per-op overhead, and bf16 autocast only adds
 # casts (docs/performance.md#precision).
 PRESETS = {
@@ -173,9 +176,7 @@ PRESETS = {
             "1-px shifts, rotations up to 12 degrees, scaling by up to 15%, bf16 autocast where the CPU has "
             "native bf16",
             ViTConfig(patch_size=7, dim=64, depth=4, heads=4, mlp_dim=256, pos_embed_std=1.0),
-            TrainConfig(epochs=5, batch_size=256, optimizer="muon", lr=3e-3, muon_lr=8e-3, weight_decay=0.05,
-                        schedule="cosine", warmup_epochs=0.1, label_smoothing=0.1, augment_shift=1,
-                        augment_rotate=12.0, augment_scale=0.15),
+            FAST_RECIPE,
             RuntimeConfig(precision="auto"),
         ),
         Preset(
@@ -185,9 +186,7 @@ PRESETS = {
             "learn rows and columns), the fast recipe with AdamW at lr 1e-2 (the position embeddings grow faster), "
             "7 epochs",
             ViTConfig(patch_size=4, dim=64, depth=6, heads=4, mlp_dim=256, pos_embed_std=0.02),
-            TrainConfig(epochs=7, batch_size=256, optimizer="muon", lr=1e-2, muon_lr=8e-3, weight_decay=0.05,
-                        schedule="cosine", warmup_epochs=0.1, label_smoothing=0.1, augment_shift=1,
-                        augment_rotate=12.0, augment_scale=0.15),
+            dataclasses.replace(FAST_RECIPE, epochs=7, lr=1e-2),
             RuntimeConfig(precision="auto"),
         ),
         Preset(

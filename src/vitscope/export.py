@@ -7,7 +7,6 @@ imported only here, only when asked for.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import warnings
@@ -19,6 +18,7 @@ import torch
 from . import __version__
 from .config import ViTConfig
 from .errors import VitscopeError
+from .extras import require
 from .huggingface import GRAYSCALE_KEY, require_representable, save_hf_directory
 from .model import count_parameters
 from .rundir import RunDir, load_run
@@ -28,7 +28,6 @@ from .rundir import RunDir, load_run
 ONNX_OPSET = 18
 TOLERANCE = 1e-4  # max |logit difference| an export may have against PyTorch
 CHECK_BATCH = 7  # images in the check; not 2, the batch the ONNX graph was traced with
-INSTALL_HINT = "pip install 'vitscope[export]'"
 
 
 @dataclass
@@ -41,16 +40,6 @@ class ExportResult:
 def class_names(config: ViTConfig) -> list[str]:
     # IDX datasets (MNIST and its kin) name classes only by their label index; for MNIST it is the digit.
     return [str(i) for i in range(config.num_classes)]
-
-
-def _require(*modules: str) -> list:
-    imported = []
-    for name in modules:
-        try:
-            imported.append(importlib.import_module(name))
-        except ImportError:
-            raise VitscopeError(f"exporting needs the {name} package: {INSTALL_HINT}") from None
-    return imported
 
 
 def _check_inputs(config: ViTConfig) -> torch.Tensor:
@@ -75,7 +64,7 @@ def onnx_metadata(config: ViTConfig) -> dict[str, str]:
 def export_onnx(model: torch.nn.Module, config: ViTConfig, out: str | Path) -> ExportResult:
     """One .onnx file: input `pixel_values` with a dynamic batch axis, output `logits`, metadata_props
     holding the normalisation and class names."""
-    _, _, onnxruntime = _require("onnx", "onnxscript", "onnxruntime")
+    _, _, onnxruntime = require("export", "exporting", "onnx", "onnxscript", "onnxruntime")
     out = Path(out)
     if out.is_dir():
         raise VitscopeError(f"--out {out} is a directory; name the .onnx file to write")
@@ -181,7 +170,7 @@ def export_hf(model: torch.nn.Module, config: ViTConfig, out: str | Path, run: R
     if out.is_file():
         raise VitscopeError(f"--out {out} is a file; name a directory to write the Hugging Face model into")
     require_representable(config)
-    (transformers,) = _require("transformers")
+    (transformers,) = require("export", "exporting", "transformers")
     save_hf_directory(model, config, out, class_names(config))
     (out / "README.md").write_text(model_card(model, config, run))
 

@@ -21,7 +21,6 @@ FastAPI, uvicorn and python-multipart are optional (`pip install 'vitscope[serve
 """
 
 import asyncio
-import importlib
 import ipaddress
 import json
 import logging
@@ -37,11 +36,11 @@ from . import __version__
 from .analysis import attention_rollout, has_class_token, rollout_map
 from .data import normalize
 from .errors import VitscopeError
+from .extras import require
 from .prediction import BUNDLED_RUN, load_model, model_input, model_input_size
 from .preprocess import MAX_FILE_BYTES, ImageRejected
 from .rundir import RunDir, config_to_dict
 
-INSTALL_HINT = "pip install 'vitscope[serve]'"
 WEB = Path(__file__).parent / "web"
 MAX_WORKERS = 4
 # The page is self-contained: this makes the browser refuse anything from elsewhere, should a change try.
@@ -118,15 +117,6 @@ class Predictor:
 
 # ---- the web app ----------------------------------------------------------------------------------------
 
-def _require(*modules: str) -> list:
-    imported = []
-    for name in modules:
-        try:
-            imported.append(importlib.import_module(name))
-        except ImportError:
-            raise VitscopeError(f"serving needs the {name} package: {INSTALL_HINT}") from None
-    return imported
-
 
 class BodyTooLarge(Exception):
     pass
@@ -202,7 +192,7 @@ class SecurityHeaders:
 
 def create_app(run: str | Path | None = None, workers: int | None = None):
     """The FastAPI app serving `run` (a run directory or Hugging Face directory; None: the bundled model)."""
-    fastapi, _, _ = _require("fastapi", "uvicorn", "python_multipart")
+    fastapi, _, _ = require("serve", "serving", "fastapi", "uvicorn", "python_multipart")
     from fastapi import Request
     from fastapi.responses import FileResponse, JSONResponse
     from fastapi.staticfiles import StaticFiles
@@ -326,7 +316,7 @@ def url_of(sock: socket.socket) -> str:
 
 def serve(run: str | Path | None, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Serve the page and API until Ctrl+C; prints the address it serves on (the real port, for --port 0)."""
-    uvicorn = _require("uvicorn")[0]
+    uvicorn = require("serve", "serving", "uvicorn")[0]
     app = create_app(run)
     sock = bind(host, port)
     summary = app.state.predictor.summary

@@ -65,6 +65,15 @@ DEFAULT_SPACES = {
         "augment_rotate": {"low": 0.0, "high": 20.0},
         "augment_scale": {"low": 0.0, "high": 0.25},
     },
+    "scope": {  # the fast recipe on a finer grid
+        "lr": {"low": 3e-3, "high": 3e-2, "log": True},
+        "muon_lr": {"low": 2e-3, "high": 3e-2, "log": True},
+        "weight_decay": {"low": 0.0, "high": 0.2},
+        "label_smoothing": {"low": 0.0, "high": 0.2},
+        "warmup_epochs": {"low": 0.0, "high": 0.5},
+        "augment_rotate": {"low": 0.0, "high": 20.0},
+        "augment_scale": {"low": 0.0, "high": 0.25},
+    },
     # The blog's recipe has no regularisation or schedule to tune: only its step size and batch.
     "blog": {
         "lr": {"low": 1e-4, "high": 3e-3, "log": True},
