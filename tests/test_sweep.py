@@ -188,3 +188,12 @@ def test_time_budget_stops_starting_trials_and_another_base_is_refused(train_onl
     assert len(study.trials) == 1 and study.trials[0].state.name == "COMPLETE"
     with pytest.raises(VitscopeError, match="made by another command .base.train.epochs 1, not 2."):
         sweep("seed", {**base, "epochs": 2}, tmp_path / "s", trials=2, log=lambda *a: None)
+
+
+def test_every_preset_has_a_default_space_that_its_config_accepts():
+    from vitscope.config import PRESETS
+    from vitscope.sweep import DEFAULT_SPACES, parse_space
+
+    assert set(DEFAULT_SPACES) == set(PRESETS)
+    for preset, table in DEFAULT_SPACES.items():
+        assert set(parse_space(table, preset, {}, "test")) == set(table)

@@ -45,6 +45,16 @@ SEARCHABLE = {f.name: str(f.type) for cls in (ViTConfig, TrainConfig) for f in d
               if f.name not in ("image_size", "in_channels", "num_classes", "dataset", "data_dir", "max_train_samples")}
 
 # The default space of each preset, in the --space file's form: the recipe's levers around the preset's values.
+FAST_SPACE = {
+    "lr": {"low": 1e-3, "high": 1e-2, "log": True},
+    "muon_lr": {"low": 2e-3, "high": 3e-2, "log": True},
+    "weight_decay": {"low": 0.0, "high": 0.2},
+    "label_smoothing": {"low": 0.0, "high": 0.2},
+    "warmup_epochs": {"low": 0.0, "high": 0.5},
+    "augment_shift": {"low": 0, "high": 2},
+    "augment_rotate": {"low": 0.0, "high": 20.0},
+    "augment_scale": {"low": 0.0, "high": 0.25},
+}
 DEFAULT_SPACES = {
     "seed": {
         "lr": {"low": 3e-4, "high": 1e-2, "log": True},
@@ -55,25 +65,8 @@ DEFAULT_SPACES = {
         "augment_rotate": {"low": 0.0, "high": 15.0},
         "augment_scale": {"low": 0.0, "high": 0.2},
     },
-    "fast": {
-        "lr": {"low": 1e-3, "high": 1e-2, "log": True},
-        "muon_lr": {"low": 2e-3, "high": 3e-2, "log": True},
-        "weight_decay": {"low": 0.0, "high": 0.2},
-        "label_smoothing": {"low": 0.0, "high": 0.2},
-        "warmup_epochs": {"low": 0.0, "high": 0.5},
-        "augment_shift": {"low": 0, "high": 2},
-        "augment_rotate": {"low": 0.0, "high": 20.0},
-        "augment_scale": {"low": 0.0, "high": 0.25},
-    },
-    "scope": {  # the fast recipe on a finer grid
-        "lr": {"low": 3e-3, "high": 3e-2, "log": True},
-        "muon_lr": {"low": 2e-3, "high": 3e-2, "log": True},
-        "weight_decay": {"low": 0.0, "high": 0.2},
-        "label_smoothing": {"low": 0.0, "high": 0.2},
-        "warmup_epochs": {"low": 0.0, "high": 0.5},
-        "augment_rotate": {"low": 0.0, "high": 20.0},
-        "augment_scale": {"low": 0.0, "high": 0.25},
-    },
+    "fast": FAST_SPACE,
+    "scope": {**FAST_SPACE, "lr": {"low": 3e-3, "high": 3e-2, "log": True}},  # the fast recipe at lr 1e-2
     # The blog's recipe has no regularisation or schedule to tune: only its step size and batch.
     "blog": {
         "lr": {"low": 1e-4, "high": 3e-3, "log": True},
